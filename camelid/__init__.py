@@ -1,0 +1,39 @@
+"""camelid: run, chat with, serve, fine-tune and train LLaMA-family models.
+
+    import camelid
+    llm = camelid.load()                      # the default model, pulled on first use
+    print(llm.chat("What is the capital of France?"))
+"""
+
+from .errors import (
+    CamelidError,
+    ContextLengthError,
+    FormatError,
+    ModelNotFoundError,
+    SamplingError,
+    StoreError,
+    UnsupportedModelError,
+)
+from .sampling import SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load", "LLM", "SamplingParams", "CamelidError", "ContextLengthError", "FormatError",
+    "ModelNotFoundError", "SamplingError", "StoreError", "UnsupportedModelError", "__version__",
+]
+
+
+def load(name_or_path=None, **kwargs):
+    """Load a model by store name or path; see camelid.api.load."""
+    from .api import load as _load
+
+    return _load(name_or_path, **kwargs)
+
+
+def __getattr__(name):  # keep `import camelid` fast: torch loads on first use
+    if name == "LLM":
+        from .api import LLM
+
+        return LLM
+    raise AttributeError(name)

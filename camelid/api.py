@@ -1,0 +1,123 @@
+"""The Python API: camelid.load(name_or_path) -> LLM, with generate / chat and their streaming forms."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import chat as chat_mod
+from .formats import Checkpoint
+from .generate import Request, check_fits, generate_one
+from .sampling import SamplingParams
+from .textstream import TextStream
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (stop token or string) or "length" (max_tokens or context end)
+
+
+class LLM:
+    """A loaded model with its tokenizer and chat template."""
+
+    def __init__(self, model: torch.nn.Module, checkpoint: Checkpoint) -> None:
+        self.model = model
+        self.checkpoint = checkpoint
+        self.tokenizer: Tokenizer = checkpoint.tokenizer
+        self.config = checkpoint.config
+        self.chat_template, self.chat_template_source = chat_mod.template_for(self.tokenizer)
+
+    # --- prompts ---
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Plain completion prompt ids (BOS by the model's convention; special-token names parsed)."""
+        return self.tokenizer.encode(prompt, special=True, bos=True)
+
+    def encode_chat(self, messages: chat_mod.Dialog, system: str | None = None) -> list[int]:
+        messages = list(messages)
+        if system is not None:
+            messages = [{"role": "system", "content": system}] + [m for m in messages if m.get("role") != "system"]
+        return chat_mod.encode_chat(self.tokenizer, messages, self.chat_template)
+
+    # --- generation ---
+    def start(self, prompt_ids: Sequence[int], max_tokens: int = 256, sampling: SamplingParams | None = None,
+              stop: Sequence[str] = ()) -> TextGeneration:
+        """A generation from prompt ids: iterate it for text pieces; `.completion` is set at the end."""
+        check_fits(len(prompt_ids), self.config.max_seq_len)
+        request = Request(list(prompt_ids), max_tokens, sampling or SamplingParams(), self.tokenizer.stop_ids)
+        return TextGeneration(self.model, self.tokenizer, request, stop)
+
+    def complete(self, prompt: str, **options) -> Completion:
+        """Plain completion of `prompt` (no chat template), with token counts and finish reason."""
+        return self.start(self.encode_prompt(prompt), **options).run()
+
+    def generate(self, prompt: str, **options) -> str:
+        """The continuation of `prompt` as text. Options: max_tokens, sampling, stop."""
+        return self.complete(prompt, **options).text
+
+    def stream(self, prompt: str, **options) -> Iterator[str]:
+        """Like generate, as text pieces while they come."""
+        return iter(self.start(self.encode_prompt(prompt), **options))
+
+    def chat(self, messages: chat_mod.Dialog | str, system: str | None = None, **options) -> str:
+        """The assistant's reply to a conversation (or to one user message given as a string)."""
+        return self.chat_start(messages, system, **options).run().text
+
+    def chat_stream(self, messages: chat_mod.Dialog | str, system: str | None = None, **options) -> Iterator[str]:
+        """Like chat, as text pieces while they come."""
+        return iter(self.chat_start(messages, system, **options))
+
+    def chat_start(self, messages: chat_mod.Dialog | str, system: str | None = None, **options) -> TextGeneration:
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        return self.start(self.encode_chat(messages, system), **options)
+
+
+class TextGeneration:
+    """One request's text as it is generated. Iterate for pieces; then `.completion` holds the result."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, request: Request, stop: Sequence[str]) -> None:
+        self.model, self.tokenizer, self.request, self.stop = model, tokenizer, request, stop
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        text = TextStream(self.tokenizer, self.stop)
+        ids: list[int] = []
+        reason = "length"
+        for tok in generate_one(self.model, self.request):
+            ids.append(tok)
+            if tok in self.request.stop_ids:
+                reason = "stop"
+                break
+            piece = text.add(tok)
+            if piece:
+                yield piece
+            if text.stopped:
+                reason = "stop"
+                break
+        tail = text.finish()
+        if tail:
+            yield tail
+        self.completion = Completion(text.text, ids, len(self.request.prompt), reason)
+
+    def run(self) -> Completion:
+        for _ in self:
+            pass
+        return self.completion
+
+
+def load(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
+         device: str | torch.device = "cpu") -> LLM:
+    """Load a model by store name or path (a GGUF file, later a folder). None means the default model."""
+    from .formats import read
+    from .loader import build_model
+    from .store import resolve
+
+    ckpt = read(resolve(name_or_path))
+    return LLM(build_model(ckpt, dtype=dtype, device=device), ckpt)

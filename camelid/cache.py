@@ -1,0 +1,48 @@
+"""KV cache: preallocated per layer, written at explicit positions (one position list per row)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values for `batch` rows of up to `max_len` positions.
+
+    Row b's token at position p lives in slot p. A query at position p attends to slots 0..p, so
+    stale values beyond a row's length (left by padding) are never seen and are overwritten later.
+    """
+
+    def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        shape = (batch, n_kv_heads, max_len, head_dim)  # [B,K,S,E]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.max_len = max_len
+        self._mask_for: tuple[torch.Tensor, int] | None = None  # (positions, span) of the cached mask
+        self._mask: torch.Tensor | None = None
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, batch: int, max_len: int) -> KVCache:
+        cfg = model.config
+        w = model.tok_embeddings.weight
+        dtype = w.dtype if w.is_floating_point() else torch.float32
+        return cls(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype, w.device)
+
+    def _attention_mask(self, positions: torch.Tensor, span: int) -> torch.Tensor:
+        # computed once per forward (all layers share it): slot s visible to a query at p iff s <= p
+        if self._mask_for is None or self._mask_for[0] is not positions or self._mask_for[1] != span:
+            slots = torch.arange(span, device=positions.device)
+            self._mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # [B,1,T,S]
+            self._mask_for = (positions, span)
+        return self._mask
+
+    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v [B,T,K,E] at positions [B,T]; return keys, values [B,K,S,E] and mask [B,1,T,S]."""
+        B = k.shape[0]
+        rows = torch.arange(B, device=k.device)[:, None]
+        kc, vc = self.k[layer], self.v[layer]
+        # advanced indices on dims 0 and 2 put the [B,T] index dims first: kc[rows,:,pos] is [B,T,K,E]
+        kc[rows, :, positions] = k.to(kc.dtype)
+        vc[rows, :, positions] = v.to(vc.dtype)
+        span = int(positions.max()) + 1
+        return kc[:, :, :span], vc[:, :, :span], self._attention_mask(positions, span)

@@ -1,0 +1,107 @@
+"""Prefill + decode with a KV cache, as an iterator of token ids. No text here: consumers detokenize."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .cache import KVCache
+from .errors import ContextLengthError, SamplingError
+from .sampling import GREEDY, SamplingParams, sample
+
+PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory for long prompts
+
+
+@dataclass
+class Request:
+    """One sequence to continue: prompt ids, how many tokens at most, how to sample, when to stop."""
+
+    prompt: Sequence[int]
+    max_tokens: int
+    sampling: SamplingParams = GREEDY
+    stop_ids: frozenset[int] = frozenset()
+
+
+def check_fits(prompt_len: int, context: int) -> None:
+    if prompt_len == 0:
+        raise ContextLengthError("the prompt is empty: give at least one token")
+    if prompt_len >= context:
+        raise ContextLengthError(f"the prompt is {prompt_len} tokens; the context window is {context}, leaving no room to generate")
+
+
+@torch.inference_mode()
+def prefill(model: torch.nn.Module, cache: KVCache, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Run the prompts (rows of different lengths, right-padded) into the cache; logits of each row's last token [B,V]."""
+    device = model.tok_embeddings.weight.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    T = int(lengths.max())
+    tokens = torch.zeros(len(prompts), T, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        tokens[b, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+    positions = torch.arange(T, device=device).expand(len(prompts), T)
+    last = torch.empty(len(prompts), model.config.vocab_size, device=device)
+    for start in range(0, T, PREFILL_CHUNK):
+        end = min(start + PREFILL_CHUNK, T)
+        # each row's last real token, if it falls in this chunk
+        in_chunk = (lengths - 1 >= start) & (lengths - 1 < end)
+        at = (lengths - 1 - start).clamp(0, end - start - 1)
+        logits = model(tokens[:, start:end], positions[:, start:end], cache, logits_at=at)[:, 0]
+        last[in_chunk] = logits[in_chunk]
+    return last
+
+
+@torch.inference_mode()
+def generate(model: torch.nn.Module, requests: Sequence[Request]) -> Iterator[list[int | None]]:
+    """Continue every request together. Each step yields one new id per row, or None for a finished row.
+
+    A row ends at one of its stop ids (which is yielded) or after max_tokens. Rows of different
+    prompt lengths give the same greedy tokens as they would alone.
+    """
+    if not requests:
+        return
+    context = model.config.max_seq_len
+    for r in requests:
+        check_fits(len(r.prompt), context)
+        if r.max_tokens < 0:
+            raise SamplingError(f"max_tokens must be >= 0, got {r.max_tokens}")
+    budgets = [min(r.max_tokens, context - len(r.prompt)) for r in requests]
+    if max(budgets) == 0:
+        return
+    span = max(len(r.prompt) + n for r, n in zip(requests, budgets))
+    cache = KVCache.for_model(model, len(requests), span)
+    device = model.tok_embeddings.weight.device
+
+    generators = [r.sampling.generator() for r in requests]
+    seen = [torch.as_tensor(list(r.prompt), dtype=torch.long) for r in requests]
+    generated: list[list[int]] = [[] for _ in requests]
+    positions = torch.tensor([len(r.prompt) for r in requests], device=device)
+    done = [n == 0 for n in budgets]
+
+    logits = prefill(model, cache, [r.prompt for r in requests])
+    while True:
+        step: list[int | None] = []
+        for b, r in enumerate(requests):
+            if done[b]:
+                step.append(None)
+                continue
+            out = torch.as_tensor(generated[b], dtype=torch.long)
+            tok = sample(logits[b].cpu(), r.sampling, generators[b], torch.cat([seen[b], out]), out)
+            generated[b].append(tok)
+            step.append(tok)
+            if tok in r.stop_ids or len(generated[b]) >= budgets[b]:
+                done[b] = True
+        yield step
+        if all(done):
+            return
+        tokens = torch.tensor([[s if s is not None else 0] for s in step], device=device)
+        logits = model(tokens, positions[:, None], cache)[:, -1]
+        positions = positions + 1
+
+
+def generate_one(model: torch.nn.Module, request: Request) -> Iterator[int]:
+    """The new ids of a single request, as they come."""
+    for step in generate(model, [request]):
+        if step[0] is not None:
+            yield step[0]

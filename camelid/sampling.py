@@ -1,0 +1,96 @@
+"""Sampling parameters and pure functions from logits to the next token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import SamplingError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy. top_k 0 and top_p 1 and min_p 0 switch those filters off.
+
+    repetition_penalty (>1 discourages) applies to every token seen (prompt and output), as in
+    Hugging Face; presence and frequency penalties apply to generated tokens, as in OpenAI's API.
+    """
+
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+        ]
+        for ok, msg in checks:  # a NaN fails every comparison, so it is caught here too
+            if not ok:
+                raise SamplingError(msg)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generator(self) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        return torch.Generator().manual_seed(self.seed)
+
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, generated: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """logits [V]; seen / generated: 1-D id tensors (prompt+output, output only)."""
+    if p.repetition_penalty != 1.0 and seen.numel():
+        ids = seen.unique()
+        vals = logits[ids]
+        logits = logits.clone()
+        logits[ids] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and generated.numel():
+        counts = torch.bincount(generated, minlength=logits.shape[-1]).to(logits.dtype)
+        logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p as -inf masks. logits [V] -> [V]."""
+    logits = logits / p.temperature
+    if p.top_k and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens before it already cover top_p (the first is always kept)
+        drop_sorted = probs.cumsum(-1) - probs >= p.top_p
+        logits = logits.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
+    if p.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None,
+           seen: torch.Tensor | None = None, generated: torch.Tensor | None = None) -> int:
+    """The next token id from one row of logits [V]."""
+    empty = torch.empty(0, dtype=torch.long)
+    logits = apply_penalties(logits.float(), seen if seen is not None else empty,
+                             generated if generated is not None else empty, p)
+    if p.greedy:
+        return int(torch.argmax(logits))
+    probs = filter_logits(logits, p).softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
