@@ -95,8 +95,8 @@ def render(source: str, messages: Dialog, tokenizer: Tokenizer | None = None, ad
     bos = tokenizer.backend.id_to_token(tokenizer.bos_id) if tokenizer and tokenizer.bos_id is not None else ""
     eos = tokenizer.backend.id_to_token(tokenizer.eos_id) if tokenizer and tokenizer.eos_id is not None else ""
     try:
-        return _compile(source).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                       bos_token=bos, eos_token=eos, **extra)
+        context = {"bos_token": bos, "eos_token": eos, **extra}
+        return _compile(source).render(messages=list(messages), add_generation_prompt=add_generation_prompt, **context)
     except TemplateError:
         raise
     except (JinjaError, TypeError, KeyError, IndexError) as e:
