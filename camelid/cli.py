@@ -203,6 +203,7 @@ def _info_rows(ckpt) -> list[tuple[str, str]]:
     cfg = ckpt.config
     tok = ckpt.tokenizer
     rs = cfg.rope_scaling
+    scaling = f", llama3 scaling x{rs.factor:g} from {rs.original_max_position_embeddings}" if rs else ""
     _, template_src = template_for(tok)
     name = lambda i: tok.backend.id_to_token(i) if i is not None else "-"  # noqa: E731
     return [
@@ -219,7 +220,7 @@ def _info_rows(ckpt) -> list[tuple[str, str]]:
         ("feed-forward dim", str(cfg.hidden_dim)),
         ("vocabulary", f"{cfg.vocab_size} ({'byte-level BPE' if tok.kind == 'bpe' else 'SentencePiece'})"),
         ("context length", str(cfg.max_seq_len)),
-        ("rope", f"theta {cfg.rope_theta:g}" + (f", llama3 scaling x{rs.factor:g} (from {rs.original_max_position_embeddings})" if rs else "")),
+        ("rope", f"theta {cfg.rope_theta:g}{scaling}"),
         ("norm eps", f"{cfg.norm_eps:g}"),
         ("tied embeddings", "yes" if cfg.tie_embeddings else "no"),
         ("bos / eos", f"{name(tok.bos_id)} / {name(tok.eos_id)} (adds BOS: {'yes' if tok.add_bos else 'no'})"),
