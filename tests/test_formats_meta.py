@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from camelid.config import RopeScaling
 from camelid.errors import FormatError
 from camelid.formats import hf, read
 from camelid.formats.layout import half_to_interleaved, interleaved_to_half
@@ -322,3 +323,65 @@ def test_weights_without_tokenizer(llama3_setup):
     (folder / "tokenizer.model").unlink()
     with pytest.raises(FormatError, match="no tokenizer.model"):
         read(folder)
+
+
+# --- the same weights in every format ---
+
+
+def write_gguf(path: Path, model, tokenizer, params: dict) -> Path:
+    """The weights as an F32 GGUF (llama.cpp's names, Q/K rows interleaved), with the tiktoken vocabulary."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from camelid.formats.gguf import gguf_name
+    from camelid.model import rope_frequencies
+
+    cfg = model.config
+    vocab = json.loads(tokenizer.backend.to_str())["model"]
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(params["rope_theta"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe")
+    names = [tokenizer.backend.id_to_token(i) for i in range(tokenizer.vocab_size)]
+    w.add_token_list(names)
+    w.add_token_types([3 if i in tokenizer.special_ids else 1 for i in range(len(names))])
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in vocab["merges"]])
+    w.add_bos_token_id(tokenizer.bos_id)
+    w.add_eos_token_id(tokenizer.eos_id)
+    w.add_add_bos_token(True)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    scaling = RopeScaling(factor=8.0)  # what use_scaled_rope means; GGUF stores it as per-frequency divisors
+    plain = rope_frequencies(head_dim, params["rope_theta"], None)
+    w.add_tensor("rope_freqs.weight", (plain / rope_frequencies(head_dim, params["rope_theta"], scaling)).numpy())
+    for name, t in meta_state(model).items():
+        w.add_tensor(gguf_name(name), np.ascontiguousarray(t.float().numpy()))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_same_weights_same_logits_in_every_format(llama3_setup, ids):
+    """HF folder, 2-shard Meta checkpoint and GGUF of the same weights: bit-identical camelid logits,
+    all equal to transformers' on the HF folder; the GGUF and tiktoken vocabularies tokenize alike."""
+    s = llama3_setup
+    meta_folder = write_meta(s["tmp"] / "same-meta", split(meta_state(s["model"]), 2, True), s["params"], s["tiktoken"])
+    gguf_file = write_gguf(s["tmp"] / "same.gguf", s["model"], read_tiktoken_tokenizer(s), s["params"])
+    hf_folder = s["tmp"] / "hf"
+    (hf_folder / "tokenizer.json").write_text(read_tiktoken_tokenizer(s).backend.to_str())
+    outs = {p.name: camelid_logits(p, ids) for p in (hf_folder, meta_folder, gguf_file)}
+    assert read(gguf_file).format == "gguf" and read(meta_folder).format == "meta" and read(hf_folder).format == "hf"
+    first = outs["hf"]
+    for name, out in outs.items():
+        assert torch.equal(out, first), name
+    torch.testing.assert_close(first, hf_logits(hf_folder, ids), atol=2e-4, rtol=1e-4)
+    from_gguf = read(gguf_file).tokenizer
+    assert from_gguf.encode(PROBE, bos=True) == read_tiktoken_tokenizer(s).encode(PROBE, bos=True)
