@@ -385,3 +385,12 @@ def test_same_weights_same_logits_in_every_format(llama3_setup, ids):
     torch.testing.assert_close(first, hf_logits(hf_folder, ids), atol=2e-4, rtol=1e-4)
     from_gguf = read(gguf_file).tokenizer
     assert from_gguf.encode(PROBE, bos=True) == read_tiktoken_tokenizer(s).encode(PROBE, bos=True)
+
+
+def test_original_subfolder(llama3_setup):
+    """A download whose Meta checkpoint sits in original/ is found from the folder above."""
+    s = llama3_setup
+    top = s["tmp"] / "download"
+    write_meta(top / "original", split(meta_state(s["model"]), 1, True), s["params"], s["tiktoken"])
+    ckpt = read(top)
+    assert ckpt.format == "meta" and ckpt.info["format_reason"].endswith("in original/")

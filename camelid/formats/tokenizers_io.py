@@ -222,6 +222,10 @@ def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
 def _merge_of(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
     """The last merge that makes `token`: run byte-level BPE on it using only merges ranked below it."""
     limit = ranks[token]
+    splits = [(token[:i], token[i:]) for i in range(1, len(token))
+              if ranks.get(token[:i], limit) < limit and ranks.get(token[i:], limit) < limit]
+    if len(splits) == 1:  # the usual case: only one way to make it from two lower-ranked tokens
+        return splits[0]
     parts = [bytes([b]) for b in token]
     while len(parts) > 2:
         best, best_rank = None, limit
@@ -246,9 +250,13 @@ def from_tiktoken(path: Path, special_tokens: list[str] | None = None, chat_temp
     ranks = read_tiktoken_ranks(path)
     by_rank = sorted(ranks, key=ranks.__getitem__)
     to_char = {b: c for c, b in byte_decoder().items()}
-    text = lambda b: "".join(to_char[x] for x in b)
-    vocab = {text(b): r for b, r in ranks.items()}
-    merges = [tuple(text(p) for p in _merge_of(ranks, b)) for b in by_rank if len(b) > 1]
+    text = {b: "".join(to_char[x] for x in b) for b in by_rank}
+    vocab = {text[b]: r for b, r in ranks.items()}
+    merges = []
+    for b in by_rank:
+        if len(b) > 1:
+            left, right = _merge_of(ranks, b)
+            merges.append((text[left], text[right]))
     backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
     backend.pre_tokenizer = byte_level_pre_tokenizer("llama3")
     backend.decoder = decoders.ByteLevel()
