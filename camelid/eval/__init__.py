@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (and later multiple-choice scoring and harness adapters)."""
