@@ -108,3 +108,38 @@ def describe(name: str) -> dict:
         "kv_cache_bytes_per_token_bf16": kv_cache_bytes_per_token(cfg),
         "kv_cache_bytes_full_context_bf16": kv_cache_bytes_per_token(cfg) * cfg.max_seq_len,
     }
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def format_description(info: dict) -> str:
+    """describe()'s dict as the aligned lines `camelid info PRESET` prints."""
+    c = info["config"]
+    rs = c.get("rope_scaling")
+    rope = f"theta {c['rope_theta']:g}"
+    if rs:
+        rope += f", llama3 scaling x{rs['factor']:g} (original {rs['original_max_position_embeddings']})"
+    rows = [
+        ("preset", info["name"]),
+        ("source", info["source"]),
+        ("parameters", f"{info['params'] / 1e9:.2f} B ({info['params']:,})"),
+        ("layers", str(c["n_layers"])),
+        ("model dim", str(c["dim"])),
+        ("heads / kv heads", f"{c['n_heads']} / {c['n_kv_heads']}"),
+        ("feed-forward dim", str(c["hidden_dim"])),
+        ("vocabulary", str(c["vocab_size"])),
+        ("context length", str(c["max_seq_len"])),
+        ("rope", rope),
+        ("norm eps", f"{c['norm_eps']:g}"),
+        ("tied embeddings", "yes" if c["tie_embeddings"] else "no"),
+        *((f"weights {p}", _size(b)) for p, b in info["memory_bytes"].items()),
+        ("kv cache (bf16)", f"{_size(info['kv_cache_bytes_per_token_bf16'])} per token, "
+                            f"{_size(info['kv_cache_bytes_full_context_bf16'])} at full context"),
+    ]
+    return "\n".join(f"{k:18} {v}" for k, v in rows)

@@ -7,7 +7,7 @@ import pytest
 
 from camelid.errors import ModelNotFoundError
 from camelid.formats.meta import config_from_params
-from camelid.presets import PRESETS, describe, get
+from camelid.presets import PRESETS, describe, format_description, get
 
 # name: (parameters as published, intermediate_size of the HF config)
 PUBLISHED = {
@@ -85,3 +85,10 @@ def test_unknown_preset_is_one_clear_error():
         get("llama-4-8b")
     with pytest.raises(ModelNotFoundError):
         get("Llama-3.1-8B")  # exact names only
+
+
+def test_format_description():
+    text = format_description(describe("llama-3.2-1b"))
+    assert "1.24 B (1,235,814,400)" in text
+    assert "weights bf16" in text and "2.3 GiB" in text  # 1,235,814,400 * 2 bytes
+    assert "llama3 scaling x32" in text
