@@ -37,17 +37,58 @@ class Checkpoint:
     info: dict = field(default_factory=dict)  # format-specific facts for `camelid info`
 
 
+def detect(folder: Path) -> tuple[str, Path, str]:
+    """(format, path to read, why) for a model folder; FormatError when it holds no model."""
+    has = lambda name: (folder / name).is_file()
+    safetensors = sorted(folder.glob("*.safetensors"))
+    shards = sorted(folder.glob("consolidated.*.pth"))
+    if has("config.json") and (safetensors or has("model.safetensors.index.json")):
+        what = f"{len(safetensors)} safetensors file{'s' if len(safetensors) != 1 else ''}"
+        if has("model.safetensors.index.json"):
+            what += " and model.safetensors.index.json"
+        return "hf", folder, f"found config.json and {what}"
+    if has("params.json") and shards:
+        return "meta", folder, f"found params.json and {len(shards)} consolidated.*.pth shard{'s' if len(shards) != 1 else ''}"
+    ggufs = sorted(folder.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return "gguf", ggufs[0], f"found one GGUF file, {ggufs[0].name}"
+    if (folder / "original" / "params.json").is_file() and not has("config.json"):
+        fmt, path, why = detect(folder / "original")
+        return fmt, path, f"{why} in original/"
+    if len(ggufs) > 1:
+        raise FormatError(f"{folder}: {len(ggufs)} .gguf files; give the path of the one to use")
+    if has("config.json"):
+        if list(folder.glob("pytorch_model*.bin")):
+            raise FormatError(f"{folder}: weights are pytorch_model*.bin; camelid reads Hugging Face folders with *.safetensors")
+        raise FormatError(f"{folder}: config.json but no *.safetensors weights")
+    if has("params.json"):
+        raise FormatError(f"{folder}: params.json but no consolidated.NN.pth weights")
+    if shards:
+        raise FormatError(f"{folder}: consolidated.*.pth weights but no params.json")
+    raise FormatError(f"{folder}: no model weights (expected config.json + *.safetensors, params.json + "
+                      "consolidated.NN.pth, or a .gguf file)")
+
+
 def read(path: str | os.PathLike) -> Checkpoint:
-    """Read a model file or folder, choosing the format from what is there."""
+    """Read a model file or folder, choosing the format from what is there (Checkpoint.info["format_reason"] says why)."""
     p = Path(path)
     if not p.exists():
         raise ModelNotFoundError(f"no such file or folder: {p}")
-    if p.is_file():
+    if p.is_dir():
+        fmt, p, reason = detect(p)
+    else:
         with open(p, "rb") as f:
             magic = f.read(4)
-        if magic == b"GGUF":
-            from . import gguf
-
-            return gguf.read(p)
-        raise FormatError(f"{p}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
-    raise FormatError(f"{p}: a folder with no model camelid can read (expected a .gguf file)")
+        if magic != b"GGUF":
+            raise FormatError(f"{p}: not a GGUF file (it starts with {magic!r}, not b'GGUF'); "
+                              "for Hugging Face or Meta checkpoints give the folder")
+        fmt, reason = "gguf", "the file starts with the GGUF magic"
+    if fmt == "hf":
+        from . import hf as reader
+    elif fmt == "meta":
+        from . import meta as reader
+    else:
+        from . import gguf as reader
+    ckpt = reader.read(p)
+    ckpt.info["format_reason"] = reason
+    return ckpt
