@@ -92,3 +92,10 @@ def test_format_description():
     assert "1.24 B (1,235,814,400)" in text
     assert "weights bf16" in text and "2.3 GiB" in text  # 1,235,814,400 * 2 bytes
     assert "llama3 scaling x32" in text
+
+
+def test_meta_llama_3_2_params_give_the_preset_with_factor_32():
+    # Llama 3.2 1B params.json as shipped: no RoPE factor in it, yet the model uses 32 (as its HF config says)
+    params = {"dim": 2048, "ffn_dim_multiplier": 1.5, "multiple_of": 256, "n_heads": 32, "n_kv_heads": 8, "n_layers": 16,
+              "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": 128256}
+    assert config_from_params(params, 0, tie_embeddings=True) == get("llama-3.2-1b").config

@@ -34,6 +34,15 @@ _NAME = re.compile(r"^(tok_embeddings\.weight|norm\.weight|output\.weight|layers
 _SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
 
 
+LLAMA_3_2_SHAPES = {(2048, 16), (3072, 28)}  # (dim, n_layers) of Llama 3.2 1B and 3B
+
+
+def _default_rope_factor(params: dict) -> float:
+    """params.json gives no factor: Llama 3.1 uses 8; Llama 3.2 1B/3B use 32 (Meta's model card and
+    transformers' conversion of Meta's folders), so a Meta folder and its HF twin agree."""
+    return 32.0 if (int(params["dim"]), int(params["n_layers"])) in LLAMA_3_2_SHAPES else 8.0
+
+
 def config_from_params(params: dict, vocab_size: int, tie_embeddings: bool = False,
                        where: Path | str = "params.json") -> ModelConfig:
     """A ModelConfig from Meta's params.json (vocab_size -1, as in Llama 1/2, takes the tokenizer's)."""
@@ -59,8 +68,7 @@ def config_from_params(params: dict, vocab_size: int, tie_embeddings: bool = Fal
             hidden_dim=ffn_hidden_dim(dim, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier")),
             norm_eps=norm_eps,
             rope_theta=float(params.get("rope_theta", 10000.0)),
-            # Meta's reference code applies factor 8 whenever use_scaled_rope is set
-            rope_scaling=RopeScaling(factor=float(params.get("rope_scaling_factor", 8.0))) if scaled else None,
+            rope_scaling=RopeScaling(factor=float(params.get("rope_scaling_factor", _default_rope_factor(params)))) if scaled else None,
             max_seq_len=max_seq_len,
             tie_embeddings=tie_embeddings,
         )
