@@ -158,13 +158,12 @@ HF_NAMES = {
 
 def transformers_logits(weights: dict[str, np.ndarray], spec: Spec, tokens: list[int], rope_scaling: dict | None = None):
     transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is not installed")
-    rope = {"rope_type": "default", "rope_theta": spec.rope_theta} if rope_scaling is None else \
-        {"rope_type": "llama3", "rope_theta": spec.rope_theta, **rope_scaling}
+    rope = None if rope_scaling is None else {"rope_type": "llama3", **rope_scaling}
     cfg = transformers.LlamaConfig(
         vocab_size=weights["tok_embeddings.weight"].shape[0], hidden_size=spec.dim, intermediate_size=spec.hidden_dim,
         num_hidden_layers=spec.n_layers, num_attention_heads=spec.n_heads, num_key_value_heads=spec.n_kv_heads,
         rms_norm_eps=spec.norm_eps, max_position_embeddings=16384, tie_word_embeddings=spec.tied,
-        rope_parameters=rope, attn_implementation="eager",
+        rope_theta=spec.rope_theta, rope_scaling=rope, attn_implementation="eager",  # (4.x and 5.x both take these)
     )
     model = transformers.LlamaForCausalLM(cfg).eval()
     state = {}
