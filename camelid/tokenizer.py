@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 # names llama.cpp also treats as end of generation when a file does not list them
@@ -212,7 +212,10 @@ def build_spm(
     unk = tokens[unk_id] if unk_id is not None else None
     backend = HFTokenizer(models.BPE(vocab=vocab, merges=_spm_merges(tokens, scores, types), unk_token=unk,
                                      fuse_unk=True, byte_fallback=True))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always" if add_space_prefix else "never", split=False)
+    # spaces -> "▁", and (like llama.cpp and SentencePiece) one "▁" always prepended; Metaspace's
+    # prepend_scheme="always" skips it when the text already starts with a space, losing that space
+    steps = [normalizers.Prepend("▁")] if add_space_prefix else []
+    backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     special = _add_special(backend, tokens, types)
     special |= {i for i, t in enumerate(types) if t in (TOKEN_UNKNOWN,)}

@@ -60,10 +60,12 @@ def _open(path: Path):
     from gguf import GGUFReader
 
     try:
-        return GGUFReader(path)
+        reader = GGUFReader(path)
     except Exception as e:  # the reader raises many kinds on damaged files
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FormatError(f"{path}: corrupt or truncated GGUF file ({reason})") from None
+    reader.path = path  # GGUFReader keeps no path; the error messages below name the file
+    return reader
 
 
 def _field(reader, key: str, default=None):
