@@ -153,7 +153,7 @@ class Engine:
             if not self.running:
                 raise EngineStoppedError(self.error or "the engine is not running")
             free = sum(r is None for r in self.rows)
-            if len(self.waiting) >= self.max_queue + max(0, free - len(self.waiting)):
+            if len(self.waiting) >= self.max_queue + free:  # waiting ones take free slots first
                 raise QueueFullError(f"{self.slots} sequences running and {len(self.waiting)} waiting")
             self.waiting.append(seq)
             self.cond.notify_all()
