@@ -283,8 +283,8 @@ async def respond(request: Request, state: ServerState, gen: Generation, chat: b
     return JSONResponse({**head, "choices": choices, "usage": gen.usage()})
 
 
-def constrained_fits(params: GenParams, max_tokens: int) -> None:
-    if params.schema is not None and len(JsonConstraint(params.schema).completion()) > max_tokens:
+def constrained_fits(state: ServerState, params: GenParams, max_tokens: int) -> None:
+    if params.schema is not None and len(state.engine.tokens_for(JsonConstraint(params.schema).completion())) > max_tokens:
         raise ApiError(400, f"max_tokens {max_tokens} is too small for the smallest value the response_format allows",
                        "max_tokens", "invalid_value")
 
@@ -302,7 +302,7 @@ async def chat_completions(request: Request) -> Response:
     except chat_mod.TemplateError as e:
         raise ApiError(400, str(e), "messages", "invalid_value") from None
     max_tokens = check_fits(len(prompt), params.max_tokens, state.limits, "messages")
-    constrained_fits(params, max_tokens)
+    constrained_fits(state, params, max_tokens)
     return await respond(request, state, Generation(state, prompt, params, max_tokens), chat=True)
 
 
@@ -319,7 +319,7 @@ async def completions(request: Request) -> Response:
             raise ApiError(400, f"token ids must be in [0, {state.tokenizer.vocab_size})", "prompt", "invalid_value")
         ids = prompt
     max_tokens = check_fits(len(ids), params.max_tokens, state.limits, "prompt")
-    constrained_fits(params, max_tokens)
+    constrained_fits(state, params, max_tokens)
     return await respond(request, state, Generation(state, ids, params, max_tokens), chat=False)
 
 

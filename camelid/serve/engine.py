@@ -355,9 +355,9 @@ class Engine:
         text = s.constraint.completion()
         if room > len(text) or not text:
             return None
-        return self._tokens_for(text)
+        return self.tokens_for(text)
 
-    def _tokens_for(self, data: bytes) -> list[int]:
+    def tokens_for(self, data: bytes) -> list[int]:
         """Greedy longest-match tokens whose bytes join to exactly `data`."""
         out, i = [], 0
         while i < len(data):
