@@ -145,12 +145,14 @@ SCHEMA = {
 def test_json_schema_output_parses_and_matches(client, max_tokens, temperature):
     out = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Describe a person as JSON."}], max_tokens=max_tokens,
-        temperature=temperature, seed=1, response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}})
+        temperature=temperature, seed=1,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}})
     value = json.loads(out.choices[0].message.content)
     assert isinstance(value["name"], str) and type(value["age"]) is int
     assert all(p in ("cat", "dog") for p in value["pets"]) and set(value) <= set(SCHEMA["properties"])
     assert out.usage.completion_tokens <= max_tokens
-    obj = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "JSON please"}], max_tokens=max_tokens,
+    obj = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "JSON please"}],
+                                         max_tokens=max_tokens,
                                          temperature=temperature, response_format={"type": "json_object"})
     assert isinstance(json.loads(obj.choices[0].message.content), dict)
 
@@ -172,7 +174,8 @@ def test_greedy_same_alone_and_beside_others(client):
     results: dict[int, str] = {}
 
     def call(i: int, p: str) -> None:
-        results[i] = client.completions.create(model=MODEL, prompt=p, temperature=0 if i == 0 else 1.0, max_tokens=20).choices[0].text
+        out = client.completions.create(model=MODEL, prompt=p, temperature=0 if i == 0 else 1.0, max_tokens=20)
+        results[i] = out.choices[0].text
 
     others = [prompt, "The weather today", "In a galaxy far away " * 40, "def main():"]  # one long prompt: chunked prefill
     threads = [threading.Thread(target=call, args=(i, p)) for i, p in enumerate(others)]
@@ -217,7 +220,8 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stop": 5}, 400, "stop"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object", "anyOf": []}}}},
+                              "response_format": {"type": "json_schema",
+                                                  "json_schema": {"schema": {"type": "object", "anyOf": []}}}},
      400, "response_format"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 1500}]}, 400, "messages"),
     ("/v1/completions", {"prompt": 12}, 400, "prompt"),
@@ -270,7 +274,7 @@ def test_overflow_gets_429_with_retry_after(server):
     for t in threads:
         t.join()
     assert statuses.count(429) >= 3 and set(statuses) <= {200, 429}, statuses
-    assert all(r == "1" for s, r in zip(statuses, retry) if s == 429)
+    assert all(r == "1" for s, r in zip(statuses, retry, strict=True) if s == 429)
     wait_idle(server)
 
 
@@ -360,7 +364,8 @@ def test_web_chat_page_in_headless_chromium(server):
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         try:
             page = browser.new_page()
-            page.on("request", lambda req: sent.append(json.loads(req.post_data)) if req.url.endswith("/chat/completions") else None)
+            page.on("request", lambda req: sent.append(json.loads(req.post_data))
+                    if req.url.endswith("/chat/completions") else None)
             page.goto(server.base + "/")
             page.fill("#api_key", KEY)
             page.dispatch_event("#api_key", "change")
@@ -372,7 +377,8 @@ def test_web_chat_page_in_headless_chromium(server):
             def turn(text: str, n: int) -> str:
                 page.fill("#input", text)
                 page.click("#send")
-                page.wait_for_function(f"(document.querySelectorAll('#log .msg')[{2 * n - 1}] || {{dataset: {{}}}}).dataset.done === '1'",
+                page.wait_for_function(f"(document.querySelectorAll('#log .msg')[{2 * n - 1}] || {{dataset: {{}}}})"
+                                       ".dataset.done === '1'",
                                        timeout=120_000)
                 return page.locator(".msg").nth(2 * n - 1).inner_text()
 
@@ -386,7 +392,8 @@ def test_web_chat_page_in_headless_chromium(server):
             page.fill("#max_tokens", "400")
             page.fill("#input", "Write a very long story about a camel.")
             page.click("#send")
-            page.wait_for_function("document.querySelectorAll('.msg')[5] && document.querySelectorAll('.msg')[5].textContent.length > 10",
+            page.wait_for_function("document.querySelectorAll('.msg')[5] && "
+                                   "document.querySelectorAll('.msg')[5].textContent.length > 10",
                                    timeout=120_000)
             page.click("#stop")
             page.wait_for_function("document.querySelectorAll('#log .msg')[5].dataset.done === '1'", timeout=30_000)

@@ -33,7 +33,7 @@ def engine(llm):
 
 def run(engine, prompts, max_tokens, stop_ids):
     outs = []
-    for p, n in zip(prompts, max_tokens):
+    for p, n in zip(prompts, max_tokens, strict=True):
         c = Collector()
         engine.submit(make_sequence(p, n, c, stop_ids=stop_ids))
         outs.append(c)
@@ -49,7 +49,7 @@ def test_greedy_matches_reference_beside_others_and_long_prefill(engine, referen
     prompts = [c["prompt_ids"] for c in cases] + [long_prompt]
     budgets = [len(c["new_ids"]) for c in cases] + [8]
     outs = run(engine, prompts, budgets, llm.tokenizer.stop_ids)
-    for case, out in zip(cases, outs):
+    for case, out in zip(cases, outs, strict=False):
         assert out.ids == case["new_ids"], case["prompt"]
     # the long prompt's output equals the same request alone
     alone = run(engine, [long_prompt], [8], llm.tokenizer.stop_ids)[0]

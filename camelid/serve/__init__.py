@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=os.environ.get("CAMELID_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $CAMELID_API_KEY)")
     parser.add_argument("--max-concurrency", type=int, default=8, help="sequences decoding at once (KV cache slots; default 8)")
-    parser.add_argument("--max-queue", type=int, default=None, help="requests waiting for a slot before 429 (default 4 x concurrency)")
+    parser.add_argument("--max-queue", type=int, default=None,
+                        help="requests waiting for a slot before 429 (default 4 x concurrency)")
     parser.add_argument("--max-seq-len", type=int, default=4096,
                         help="context per slot, prompt + output (default 4096, or the model's if smaller)")
     parser.add_argument("--max-tokens", type=int, default=None, help="most new tokens per request (default: the context)")

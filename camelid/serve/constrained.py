@@ -63,7 +63,8 @@ def compile_schema(schema: Any, path: str = "schema") -> Node:
         raise SchemaError(f"{path}: a schema must be an object")
     unknown = sorted(set(schema) - KNOWN)
     if unknown:
-        raise SchemaError(f"{path}: unsupported schema keyword {unknown[0]!r} (supported: type, properties, required, items, enum, const)")
+        raise SchemaError(f"{path}: unsupported schema keyword {unknown[0]!r} "
+                          "(supported: type, properties, required, items, enum, const)")
     if schema.get("additionalProperties") not in (None, False) and "properties" in schema:
         raise SchemaError(f"{path}: additionalProperties with properties is not supported")
     if "const" in schema or "enum" in schema:

@@ -295,7 +295,7 @@ class Engine:
             event.logprob = float(lp[tok])
             if s.logprobs > 0:
                 vals, ids = torch.topk(lp, s.logprobs)
-                event.top = list(zip(ids.tolist(), vals.tolist()))
+                event.top = list(zip(ids.tolist(), vals.tolist(), strict=True))
         s.emit(event)
 
     def _penalised(self, s: Sequence_, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,7 +61,7 @@ class Histogram:
         with self.lock:
             counts, total = list(self.counts), self.sum
         running = 0
-        for bound, count in zip(self.buckets, counts):
+        for bound, count in zip(self.buckets, counts, strict=False):
             running += count
             lines.append(f'{self.name}_bucket{{le="{bound:g}"}} {running}')
         running += counts[-1]
