@@ -191,15 +191,20 @@ class Generation:
     def done(self) -> bool:
         return all(c.finish_reason is not None for c in self.choices)
 
-    async def events(self, request: Request | None = None):
-        """Yield (choice, text, token event) until every choice is finished. Checks for a gone client meanwhile."""
+    async def events(self, request: Request):
+        """Yield (choice, text, token event) until every choice is finished; stop early when the client is gone."""
+        checked = time.perf_counter()
         while not self.done:
             try:
-                i, event = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                i, event = await asyncio.wait_for(self.queue.get(), timeout=0.25)
             except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
+                i, event = -1, None
+            if time.perf_counter() - checked >= 0.25:  # a gone client frees its slots within a quarter second
+                checked = time.perf_counter()
+                if await request.is_disconnected():
                     self.cancel()
                     return
+            if event is None:
                 continue
             choice = self.choices[i]
             if isinstance(event, Token) and self.first_token_at is None:
@@ -236,7 +241,7 @@ async def respond(request: Request, state: ServerState, gen: Generation, chat: b
                         yield sse({**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                                         "logprobs": None, "finish_reason": None}]})
                 offsets = [0] * len(gen.choices)
-                async for choice, text, token in gen.events():
+                async for choice, text, token in gen.events(request):
                     lp = None
                     if gen.params.logprobs is not None and token is not None and token.logprob is not None:
                         lp = chat_logprobs(tok, [token]) if chat else completion_logprobs(tok, [token], offsets[choice.index])
