@@ -279,7 +279,7 @@ def test_overflow_gets_429_with_retry_after(server):
 
 
 def test_disconnect_frees_the_slot(server):
-    body = {"prompt": "Tell me a long story.", "max_tokens": 500, "stream": True}
+    body = {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 500, "stream": True, "temperature": 0}  # counts on and on
     with httpx.stream("POST", server.base + "/v1/completions", json=body, headers=auth(), timeout=60) as r:
         for line in r.iter_lines():
             if line.startswith("data:"):
@@ -288,7 +288,8 @@ def test_disconnect_frees_the_slot(server):
     wait_idle(server, timeout=5)
     # a non-streaming client that gives up
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(server.base + "/v1/completions", json={"prompt": "Story:", "max_tokens": 500}, headers=auth(), timeout=1.0)
+        httpx.post(server.base + "/v1/completions", json={"prompt": "1, 2, 3,", "max_tokens": 500, "temperature": 0},
+                   headers=auth(), timeout=1.0)
     wait_idle(server, timeout=5)
 
 
