@@ -1,0 +1,152 @@
+"""Aggregate decode throughput of `camelid serve` at 1, 4, 8 and 16 concurrent streams, next to llama.cpp's
+server (llama-cpp-python[server]) on the same GGUF, both measured in this run on this machine.
+
+    python bench/bench_serve.py [--model PATH] [--max-tokens 64] [--repeats 3] [--concurrency 1 4 8 16]
+
+Each server runs alone (one after the other), on loopback. A level of concurrency C runs C client threads,
+each sending `requests` completions one after another; throughput = completion tokens (from `usage`) / wall
+time, median over repeats. The peer is skipped, with a note, when llama_cpp is not installed
+(pip install 'camelid[bench]').
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["Once upon a time", "The history of the city begins", "Here is a recipe for bread:", "Dear diary, today",
+           "The rules of chess are", "In the year 2050,", "A short poem about the sea:", "The best way to learn is"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], base: str, env: dict | None = None) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server failed: {' '.join(cmd)}\n{proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(base + "/v1/models", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"server did not start: {' '.join(cmd)}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def level(base: str, model: str, concurrency: int, requests: int, max_tokens: int) -> tuple[float, int]:
+    """(tokens per second, tokens) for `concurrency` clients each sending `requests` completions."""
+    counts: list[int] = []
+    errors: list[str] = []
+
+    def client(c: int) -> None:
+        with httpx.Client(timeout=600) as http:
+            for r in range(requests):
+                body = {"model": model, "prompt": PROMPTS[(c + r) % len(PROMPTS)], "max_tokens": max_tokens,
+                        "temperature": 0.8, "seed": c * 100 + r}
+                resp = http.post(base + "/v1/completions", json=body)
+                if resp.status_code != 200:
+                    errors.append(resp.text[:200])
+                    continue
+                counts.append(resp.json()["usage"]["completion_tokens"])
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise SystemExit(f"errors at concurrency {concurrency}: {errors[:3]}")
+    return sum(counts) / elapsed, sum(counts)
+
+
+def measure(name: str, base: str, model: str, args) -> dict[int, float]:
+    level(base, model, 2, 1, 8)  # warm up
+    out = {}
+    for c in args.concurrency:
+        runs = [level(base, model, c, args.requests, args.max_tokens)[0] for _ in range(args.repeats)]
+        out[c] = statistics.median(runs)
+        print(f"  {name:10s} {c:3d} streams: {out[c]:7.1f} tok/s (runs: {', '.join(f'{r:.1f}' for r in runs)})", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="GGUF path (default: the store's default model)")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=2, help="completions per client thread")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both servers")
+    args = ap.parse_args()
+    sys.path.insert(0, str(REPO))
+    from camelid.store import resolve
+
+    gguf = str(resolve(args.model))
+    slots = max(args.concurrency)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
+    print(f"model {gguf}; {args.max_tokens} new tokens per request, {args.requests} requests per stream, "
+          f"median of {args.repeats}; {args.threads} threads; {os.cpu_count()} cores")
+    results: dict[str, dict[int, float]] = {}
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start([sys.executable, "-m", "camelid.serve", gguf, "--port", str(port), "--max-concurrency", str(slots),
+                  "--max-seq-len", "512", "--model-id", "m", "--log-level", "warning"], base, env)
+    try:
+        results["camelid"] = measure("camelid", base, "m", args)
+    finally:
+        stop(proc)
+
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama.cpp peer skipped: llama_cpp not installed (pip install 'camelid[bench]')")
+    else:
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        proc = start([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port), "--host", "127.0.0.1",
+                      "--n_ctx", "2048", "--n_threads", str(args.threads), "--model_alias", "m"], base, env)
+        try:
+            results["llama.cpp"] = measure("llama.cpp", base, "m", args)
+        finally:
+            stop(proc)
+
+    print("\n| streams | camelid tok/s | x single | llama.cpp server tok/s | camelid / llama.cpp |")
+    print("|---|---|---|---|---|")
+    cam = results["camelid"]
+    peer = results.get("llama.cpp", {})
+    for c in args.concurrency:
+        p = peer.get(c)
+        print(f"| {c} | {cam[c]:.1f} | {cam[c] / cam[args.concurrency[0]]:.2f} | {f'{p:.1f}' if p else '-'} | "
+              f"{f'{cam[c] / p:.2f}' if p else '-'} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,455 @@
+"""The HTTP API (OpenAI-compatible) as a Starlette app over an Engine."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass, replace
+from importlib import resources
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .. import chat as chat_mod
+from ..textstream import TextStream
+from ..tokenizer import Tokenizer
+from .constrained import JsonConstraint
+from .engine import Engine, EngineStoppedError, Finish, QueueFullError, Token, make_sequence
+from .metrics import Metrics
+from .params import ApiError, GenParams, Limits, check_fits, messages_of, parse_common, prompt_of
+
+OPEN_PATHS = {"/health", "/"}  # no key needed: liveness, and the static chat page (it holds no data)
+
+
+@dataclass
+class ServerState:
+    engine: Engine
+    tokenizer: Tokenizer
+    model_id: str
+    limits: Limits
+    chat_template: str
+    api_key: str | None = None
+    created: int = 0
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self.engine)
+        self.created = self.created or int(time.time())
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+class ApiKeyMiddleware:
+    """`Authorization: Bearer KEY` on every path but OPEN_PATHS (pure ASGI, so streams are untouched)."""
+
+    def __init__(self, app, api_key: str | None) -> None:
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and self.api_key and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
+            headers = dict(scope["headers"])
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+                err = ApiError(401, "a valid API key is needed: send 'Authorization: Bearer KEY'", None, "invalid_api_key",
+                               type="authentication_error", headers={"WWW-Authenticate": "Bearer"})
+                await error_response(err)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def read_json(request: Request, limits: Limits) -> dict:
+    """The request body as a JSON object; 413 past the size limit, 400 when it is not a JSON object."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise ApiError(413, f"the request body is over {limits.max_body_bytes} bytes", None, "request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limits.max_body_bytes:
+            raise ApiError(413, f"the request body is over {limits.max_body_bytes} bytes", None, "request_too_large")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}", None, "invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object", None, "invalid_json")
+    return data
+
+
+def check_model(body: dict, state: ServerState) -> None:
+    model = body.get("model")
+    if model is None:
+        return
+    if not isinstance(model, str):
+        raise ApiError(400, "'model' must be a string", "model", "invalid_type")
+    if model != state.model_id:
+        raise ApiError(404, f"the model {model!r} does not exist; this server has {state.model_id!r}", "model", "model_not_found")
+
+
+# --- one choice's text as events arrive ---
+
+class Choice:
+    def __init__(self, index: int, seq, tokenizer: Tokenizer, stop: list[str]) -> None:
+        self.index, self.seq, self.tokenizer = index, seq, tokenizer
+        self.text = TextStream(tokenizer, stop)
+        self.finish_reason: str | None = None
+        self.tokens = 0
+
+    def handle(self, event: Token | Finish) -> tuple[str, Token | None]:
+        """(new text, the token event if any). Sets finish_reason when this choice is over."""
+        if self.finish_reason is not None:
+            return "", None
+        if isinstance(event, Finish):
+            if event.reason == "error":
+                raise ApiError(500, f"generation failed: {event.message}", None, "internal_error", type="server_error")
+            self.finish_reason = "stop" if event.reason == "cancelled" else event.reason
+            return self.text.finish(), None
+        self.tokens += 1
+        if event.id in self.seq.stop_ids:
+            return "", event
+        piece = self.text.add(event.id)
+        if self.text.stopped:
+            self.finish_reason = "stop"
+        return piece, event
+
+
+def chat_logprobs(tokenizer: Tokenizer, events: list[Token]) -> dict:
+    def entry(tok: int, lp: float) -> dict:
+        return {"token": tokenizer.token_text(tok), "logprob": lp, "bytes": list(tokenizer.decode_bytes([tok], special=True))}
+
+    return {"content": [{**entry(e.id, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top or []]}
+                        for e in events if e.logprob is not None]}
+
+
+def completion_logprobs(tokenizer: Tokenizer, events: list[Token], offset: int) -> dict:
+    out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in events:
+        if e.logprob is None:
+            continue
+        text = tokenizer.token_text(e.id)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(e.logprob)
+        out["top_logprobs"].append({tokenizer.token_text(t): lp for t, lp in e.top or []})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+class Generation:
+    """The n sequences of one request, submitted to the engine, read back as (choice, text, token) events."""
+
+    def __init__(self, state: ServerState, prompt: list[int], params: GenParams, max_tokens: int) -> None:
+        self.state, self.prompt, self.params = state, prompt, params
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.start = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.choices: list[Choice] = []
+        engine = state.engine
+        for i in range(params.n):
+            sampling = params.sampling
+            if sampling.seed is not None and i:
+                sampling = replace(sampling, seed=sampling.seed + i)
+            seq = make_sequence(prompt, max_tokens, self._emitter(i), sampling=sampling, stop_ids=state.tokenizer.stop_ids,
+                                logprobs=params.logprobs,
+                                constraint=JsonConstraint(params.schema) if params.schema is not None else None)
+            try:
+                engine.submit(seq)
+            except QueueFullError as e:
+                self.cancel()
+                raise ApiError(429, f"the server is busy ({e}); try again shortly", None, "rate_limit_exceeded",
+                               type="rate_limit_error", headers={"Retry-After": "1"}) from None
+            except EngineStoppedError as e:
+                self.cancel()
+                raise ApiError(503, f"the server cannot generate now: {e}", None, "unavailable", type="server_error",
+                               headers={"Retry-After": "5"}) from None
+            self.choices.append(Choice(i, seq, state.tokenizer, params.stop))
+
+    def _emitter(self, i: int):
+        def emit(event) -> None:  # engine thread -> event loop
+            try:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, event))
+            except RuntimeError:  # the loop is closed: the server is going down
+                pass
+        return emit
+
+    def cancel(self) -> None:
+        for c in self.choices:
+            if c.finish_reason is None:
+                self.state.engine.cancel(c.seq)
+
+    @property
+    def done(self) -> bool:
+        return all(c.finish_reason is not None for c in self.choices)
+
+    async def events(self, request: Request):
+        """Yield (choice, text, token event) until every choice is finished; stop early when the client is gone."""
+        checked = time.perf_counter()
+        while not self.done:
+            try:
+                i, event = await asyncio.wait_for(self.queue.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                i, event = -1, None
+            if time.perf_counter() - checked >= 0.25:  # a gone client frees its slots within a quarter second
+                checked = time.perf_counter()
+                if await request.is_disconnected():
+                    self.cancel()
+                    return
+            if event is None:
+                continue
+            choice = self.choices[i]
+            if isinstance(event, Token) and self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+                self.state.metrics.ttft.observe(self.first_token_at - self.start)
+            text, token = choice.handle(event)
+            if choice.finish_reason is not None and not isinstance(event, Finish):
+                self.state.engine.cancel(choice.seq)  # a stop string: free the slot now
+            yield choice, text, token
+        m = self.state.metrics
+        m.latency.observe(time.perf_counter() - self.start)
+        m.prompt_tokens.inc(len(self.prompt) * len(self.choices))
+        m.completion_tokens.inc(sum(c.tokens for c in self.choices))
+
+    def usage(self) -> dict:
+        done = sum(c.tokens for c in self.choices)
+        return {"prompt_tokens": len(self.prompt), "completion_tokens": done, "total_tokens": len(self.prompt) + done}
+
+
+def sse(data: dict | str) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+async def respond(request: Request, state: ServerState, gen: Generation, chat: bool) -> Response:
+    rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+    head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+            "model": state.model_id}
+    tok = state.tokenizer
+    if gen.params.stream:
+        async def stream():
+            try:
+                if chat:
+                    for c in gen.choices:
+                        yield sse({**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                                        "logprobs": None, "finish_reason": None}]})
+                offsets = [0] * len(gen.choices)
+                async for choice, text, token in gen.events(request):
+                    lp = None
+                    if gen.params.logprobs is not None and token is not None and token.logprob is not None:
+                        lp = chat_logprobs(tok, [token]) if chat else completion_logprobs(tok, [token], offsets[choice.index])
+                    if text or lp or choice.finish_reason:
+                        body = {"index": choice.index, "logprobs": lp, "finish_reason": choice.finish_reason}
+                        body.update({"delta": {"content": text} if text else {}} if chat else {"text": text})
+                        yield sse({**head, "choices": [body]})
+                    offsets[choice.index] += len(text)
+                if gen.params.include_usage:
+                    yield sse({**head, "choices": [], "usage": gen.usage()})
+                yield sse("[DONE]")
+            except ApiError as e:
+                yield sse(e.body())
+                yield sse("[DONE]")
+            finally:  # the client went away (or we are done): free every slot of this request
+                gen.cancel()
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    texts = [[] for _ in gen.choices]
+    tokens: list[list[Token]] = [[] for _ in gen.choices]
+    try:
+        async for choice, text, token in gen.events(request):
+            texts[choice.index].append(text)
+            if token is not None:
+                tokens[choice.index].append(token)
+    finally:
+        gen.cancel()
+    if not gen.done:  # the client left
+        return Response(status_code=499)
+    choices = []
+    for c in gen.choices:
+        text = "".join(texts[c.index])
+        lp = None
+        if gen.params.logprobs is not None:
+            lp = chat_logprobs(tok, tokens[c.index]) if chat else completion_logprobs(tok, tokens[c.index], 0)
+        if chat:
+            choices.append({"index": c.index, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+                            "finish_reason": c.finish_reason})
+        else:
+            choices.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
+    head["object"] = "chat.completion" if chat else "text_completion"
+    return JSONResponse({**head, "choices": choices, "usage": gen.usage()})
+
+
+def constrained_fits(state: ServerState, params: GenParams, max_tokens: int) -> None:
+    if params.schema is not None and len(state.engine.tokens_for(JsonConstraint(params.schema).completion())) > max_tokens:
+        raise ApiError(400, f"max_tokens {max_tokens} is too small for the smallest value the response_format allows",
+                       "max_tokens", "invalid_value")
+
+
+# --- endpoints ---
+
+async def chat_completions(request: Request) -> Response:
+    state: ServerState = request.app.state.camelid
+    body = await read_json(request, state.limits)
+    check_model(body, state)
+    params = parse_common(body, state.limits, chat=True)
+    messages = messages_of(body)
+    try:
+        prompt = chat_mod.encode_chat(state.tokenizer, messages, state.chat_template)
+    except chat_mod.TemplateError as e:
+        raise ApiError(400, str(e), "messages", "invalid_value") from None
+    max_tokens = check_fits(len(prompt), params.max_tokens, state.limits, "messages")
+    constrained_fits(state, params, max_tokens)
+    return await respond(request, state, Generation(state, prompt, params, max_tokens), chat=True)
+
+
+async def completions(request: Request) -> Response:
+    state: ServerState = request.app.state.camelid
+    body = await read_json(request, state.limits)
+    check_model(body, state)
+    params = parse_common(body, state.limits, chat=False)
+    prompt = prompt_of(body)
+    if isinstance(prompt, str):
+        ids = state.tokenizer.encode(prompt, special=True, bos=True)
+    else:
+        if any(not 0 <= t < state.tokenizer.vocab_size for t in prompt):
+            raise ApiError(400, f"token ids must be in [0, {state.tokenizer.vocab_size})", "prompt", "invalid_value")
+        ids = prompt
+    max_tokens = check_fits(len(ids), params.max_tokens, state.limits, "prompt")
+    constrained_fits(state, params, max_tokens)
+    return await respond(request, state, Generation(state, ids, params, max_tokens), chat=False)
+
+
+async def models(request: Request) -> Response:
+    state: ServerState = request.app.state.camelid
+    return JSONResponse({"object": "list", "data": [
+        {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "camelid",
+         "max_model_len": state.limits.max_seq_len}]})
+
+
+async def health(request: Request) -> Response:
+    state: ServerState = request.app.state.camelid
+    if not state.engine.running:
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+async def metrics(request: Request) -> Response:
+    state: ServerState = request.app.state.camelid
+    return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+async def tokenize(request: Request) -> Response:
+    state: ServerState = request.app.state.camelid
+    body = await read_json(request, state.limits)
+    tok = state.tokenizer
+    if "messages" in body:
+        try:
+            ids = chat_mod.encode_chat(tok, messages_of(body), state.chat_template)
+        except chat_mod.TemplateError as e:
+            raise ApiError(400, str(e), "messages", "invalid_value") from None
+    else:
+        text = body.get("content", body.get("prompt"))
+        if not isinstance(text, str):
+            raise ApiError(400, "'content' must be a string (or give 'messages')", "content", "invalid_type")
+        add_special = body.get("add_special", True)
+        if not isinstance(add_special, bool):
+            raise ApiError(400, "'add_special' must be a boolean", "add_special", "invalid_type")
+        ids = tok.encode(text, special=True, bos=add_special)
+    return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": state.limits.max_seq_len})
+
+
+async def detokenize(request: Request) -> Response:
+    state: ServerState = request.app.state.camelid
+    body = await read_json(request, state.limits)
+    ids = body.get("tokens")
+    if not isinstance(ids, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+        raise ApiError(400, "'tokens' must be a list of token ids", "tokens", "invalid_type")
+    if any(not 0 <= t < state.tokenizer.vocab_size for t in ids):
+        raise ApiError(400, f"token ids must be in [0, {state.tokenizer.vocab_size})", "tokens", "invalid_value")
+    return JSONResponse({"content": state.tokenizer.decode(ids, special=True)})
+
+
+async def index(request: Request) -> Response:
+    page = resources.files("camelid.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    return HTMLResponse(page, headers={"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                                                                   "style-src 'unsafe-inline'"})
+
+
+# --- errors as OpenAI-style bodies, never a traceback ---
+
+async def api_error(request: Request, exc: ApiError) -> Response:
+    return error_response(exc)
+
+
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(ApiError(exc.status_code, str(exc.detail), None, code))
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    return error_response(ApiError(500, f"internal error: {type(exc).__name__}", None, "internal_error", type="server_error"))
+
+
+class CountRequests:
+    """Counts every answered request by endpoint and status, for /metrics."""
+
+    def __init__(self, app, metrics: Metrics, endpoints: set[str]) -> None:
+        self.app, self.metrics, self.endpoints = app, metrics, endpoints
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"] if scope["path"] in self.endpoints else "other"
+
+        async def counted(message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.inc(endpoint=path, status=str(message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
+def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Starlette:
+    """The ASGI app. The engine is started and stopped with the app's lifespan."""
+    routes = [
+        Route("/", index),
+        Route("/health", health),
+        Route("/metrics", metrics),
+        Route("/v1/models", models),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
+    ]
+    middleware = []
+    if cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        middleware.append(Middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
+                                     allow_headers=["Authorization", "Content-Type"]))
+    middleware.append(Middleware(CountRequests, metrics=state.metrics, endpoints={r.path for r in routes}))
+    middleware.append(Middleware(ApiKeyMiddleware, api_key=state.api_key))
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if not state.engine.running:
+            state.engine.start()
+        yield
+        state.engine.stop()
+
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+                    exception_handlers={ApiError: api_error, HTTPException: http_error,
+                                        Exception: server_error})
+    app.state.camelid = state
+    return app

@@ -1,0 +1,377 @@
+"""Continuous batching: many sequences share one KV cache of N slot rows and one decode forward per step.
+
+The engine runs in its own thread. Each step it
+  1. drops cancelled sequences (their slot is free at once) and admits waiting ones into free slots,
+  2. runs one forward over every decoding row (one new token each; idle rows get a harmless dummy),
+  3. prefills waiting prompts in fixed chunks of `prefill_chunk` tokens, one row at a time, so a long
+     prompt costs the running streams one chunk of delay per step instead of stalling them.
+Chunk boundaries and sampling depend only on the sequence itself, never on its neighbours, so a
+greedy request gives the same tokens alone or beside others.
+
+Results go out through each sequence's `emit` callback (called on the engine thread): Token events,
+then exactly one Finish.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..sampling import GREEDY, SamplingParams, apply_penalties, filter_logits, sample
+from ..tokenizer import Tokenizer
+from .constrained import JsonConstraint
+
+
+class QueueFullError(Exception):
+    """Every slot is busy and the waiting queue is full."""
+
+
+class EngineStoppedError(Exception):
+    """The engine is not running (shutting down, or it failed)."""
+
+
+@dataclass
+class Token:
+    id: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None  # (id, logprob), best first, when asked
+
+
+@dataclass
+class Finish:
+    reason: str  # "stop", "length", "cancelled", "error"
+    message: str = ""
+
+
+@dataclass(eq=False)
+class Sequence_:
+    """One generation. `max_tokens` is already clipped to the slot length by the caller (or by submit)."""
+
+    prompt: list[int]
+    max_tokens: int
+    emit: Callable[[Token | Finish], None]
+    sampling: SamplingParams = GREEDY
+    stop_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
+    constraint: JsonConstraint | None = None
+    # engine state
+    slot: int = -1
+    pos: int = 0  # tokens of this row in the cache
+    pending: int | None = None  # the last sampled token, to be fed next step
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    generator: torch.Generator | None = None
+
+
+class SlotCache:
+    """KV storage for `rows` slots of `max_len` positions, with the same `update` contract as camelid.cache.KVCache.
+
+    `view(a, b)` is a cache over rows a..b-1 sharing the storage, so a forward can run on a few rows.
+    """
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+        self.k, self.v = k, v
+        self.max_len = k[0].shape[2]
+        self._mask_key: tuple | None = None
+        self._mask: torch.Tensor | None = None
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, rows: int, max_len: int) -> SlotCache:
+        cfg = model.config
+        w = model.tok_embeddings.weight
+        dtype = w.dtype if w.is_floating_point() else torch.float32
+        shape = (rows, cfg.n_kv_heads, max_len, cfg.head_dim)  # [B,K,S,E]
+        k = [torch.zeros(shape, dtype=dtype, device=w.device) for _ in range(cfg.n_layers)]
+        v = [torch.zeros(shape, dtype=dtype, device=w.device) for _ in range(cfg.n_layers)]
+        return cls(k, v)
+
+    def view(self, start: int, stop: int) -> SlotCache:
+        return SlotCache([t[start:stop] for t in self.k], [t[start:stop] for t in self.v])
+
+    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v [B,T,K,E] at positions [B,T]; return keys, values [B,K,S,E] and mask [B,1,T,S]."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        kc, vc = self.k[layer], self.v[layer]
+        kc[rows, :, positions] = k.to(kc.dtype)
+        vc[rows, :, positions] = v.to(vc.dtype)
+        span = int(positions.max()) + 1
+        if self._mask_key is None or self._mask_key[0] is not positions or self._mask_key[1] != span:
+            slots = torch.arange(span, device=positions.device)
+            self._mask = (slots[None, None, :] <= positions[:, :, None])[:, None]
+            self._mask_key = (positions, span)
+        return kc[:, :, :span], vc[:, :, :span], self._mask
+
+
+class Engine:
+    """The continuous-batching scheduler over one model. Thread-safe submit / cancel."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_concurrency: int = 8,
+                 max_seq_len: int | None = None, max_queue: int | None = None, prefill_chunk: int = 256) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.slots = max_concurrency
+        self.max_seq_len = min(max_seq_len or 4096, model.config.max_seq_len)
+        self.max_queue = max_queue if max_queue is not None else 4 * max_concurrency
+        self.prefill_chunk = prefill_chunk
+        self.device = model.tok_embeddings.weight.device
+        self.cache = SlotCache.for_model(model, max_concurrency, self.max_seq_len)
+        self.rows: list[Sequence_ | None] = [None] * max_concurrency
+        self.waiting: deque[Sequence_] = deque()
+        self.cond = threading.Condition()
+        self.running = False
+        self.thread: threading.Thread | None = None
+        self.error: str | None = None
+        self.generated_tokens = 0
+        self.prompt_tokens = 0
+        self.steps = 0
+        self._special = torch.tensor(sorted(tokenizer.special_ids), dtype=torch.long)
+        self._bytes_to_id = {b: i for i, b in enumerate(tokenizer.token_bytes) if i not in tokenizer.special_ids and b}
+        self._max_token_len = max(len(b) for b in self._bytes_to_id)
+
+    # --- public, any thread ---
+    def start(self) -> None:
+        self.running = True
+        self.thread = threading.Thread(target=self._loop, name="camelid-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.running = False
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+
+    def submit(self, seq: Sequence_) -> None:
+        """Queue a sequence; QueueFullError when slots and queue are full, EngineStoppedError when not running."""
+        if not seq.prompt or len(seq.prompt) >= self.max_seq_len:
+            raise ValueError(f"prompt of {len(seq.prompt)} tokens does not fit the slot length {self.max_seq_len}")
+        seq.max_tokens = min(seq.max_tokens, self.max_seq_len - len(seq.prompt))
+        with self.cond:
+            if not self.running:
+                raise EngineStoppedError(self.error or "the engine is not running")
+            free = sum(r is None for r in self.rows)
+            if len(self.waiting) >= self.max_queue + free:  # waiting ones take free slots first
+                raise QueueFullError(f"{self.slots} sequences running and {len(self.waiting)} waiting")
+            self.waiting.append(seq)
+            self.cond.notify_all()
+
+    def cancel(self, seq: Sequence_) -> None:
+        """Stop a sequence (client gone, stop string seen); its slot is freed before the next step."""
+        with self.cond:
+            seq.cancelled = True
+            self.cond.notify_all()
+
+    @property
+    def active(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    # --- engine thread ---
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                self._admit()
+                while self.running and not any(self.rows) and not self.waiting:
+                    self.cond.wait()
+                    self._admit()
+                if not self.running:
+                    break
+            try:
+                self._step()
+            except Exception as e:  # a bug or out of memory: fail the running sequences, keep serving
+                message = f"{type(e).__name__}: {e}"
+                for b, s in enumerate(self.rows):
+                    if s is not None:
+                        self._finish(b, Finish("error", message))
+        with self.cond:
+            for b, s in enumerate(self.rows):
+                if s is not None:
+                    self._finish(b, Finish("error", "the server is shutting down"))
+            while self.waiting:
+                self.waiting.popleft().emit(Finish("error", "the server is shutting down"))
+
+    def _admit(self) -> None:
+        """Free cancelled rows and fill free rows (lowest first) from the queue. Holds self.cond."""
+        for b, s in enumerate(self.rows):
+            if s is not None and s.cancelled:
+                self._finish(b, Finish("cancelled"))
+        for s in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(s)
+            s.emit(Finish("cancelled"))
+        for b in range(self.slots):
+            if self.rows[b] is None and self.waiting:
+                s = self.waiting.popleft()
+                s.slot, s.pos, s.pending, s.generated = b, 0, None, []
+                s.generator = s.sampling.generator()
+                self.rows[b] = s
+                self.prompt_tokens += len(s.prompt)
+
+    def _finish(self, b: int, event: Finish) -> None:
+        s = self.rows[b]
+        self.rows[b] = None
+        if s is not None:
+            s.slot = -1
+            s.emit(event)
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        self.steps += 1
+        decoding = [b for b, s in enumerate(self.rows) if s is not None and s.pending is not None]
+        if decoding:
+            self._decode(decoding)
+        # prefill: whole chunks, so boundaries never depend on the load; fewer while others are decoding
+        budget = 1 if decoding else 4
+        for b, s in enumerate(self.rows):
+            while budget and s is not None and s.pending is None and self.rows[b] is s:
+                budget -= 1
+                self._prefill_chunk(b, s)
+            if not budget:
+                break
+
+    def _decode(self, decoding: list[int]) -> None:
+        R = max(decoding) + 1
+        tokens = torch.zeros(R, 1, dtype=torch.long)
+        positions = torch.zeros(R, 1, dtype=torch.long)
+        for b in range(R):
+            s = self.rows[b]
+            if s is not None and s.pending is not None:
+                tokens[b, 0], positions[b, 0] = s.pending, s.pos
+            elif s is not None:  # prefilling: write the dummy where its next chunk will overwrite it
+                positions[b, 0] = s.pos
+        logits = self.model(tokens.to(self.device), positions.to(self.device), self.cache.view(0, R))[:, -1].float().cpu()
+        for b in decoding:
+            s = self.rows[b]
+            s.pos += 1
+            self._next_token(b, s, logits[b])
+
+    def _prefill_chunk(self, b: int, s: Sequence_) -> None:
+        start = s.pos
+        end = min(start + self.prefill_chunk, len(s.prompt))
+        tokens = torch.tensor([s.prompt[start:end]], dtype=torch.long, device=self.device)
+        positions = torch.arange(start, end, device=self.device)[None]
+        at = torch.tensor([end - start - 1], device=self.device)
+        logits = self.model(tokens, positions, self.cache.view(b, b + 1), logits_at=at)[0, -1].float().cpu()
+        s.pos = end
+        if end == len(s.prompt):
+            self._next_token(b, s, logits)
+
+    def _next_token(self, b: int, s: Sequence_, logits: torch.Tensor) -> None:
+        """Sample row b's next token from its logits [V], emit it, and finish the row when due."""
+        if s.max_tokens <= 0:
+            self._finish(b, Finish("length"))
+            return
+        if s.constraint is not None:
+            forced = self._forced_completion(s)
+            if forced is not None:
+                for tok in forced:
+                    self._emit_token(s, tok, logits if tok == forced[0] else None)
+                self._finish(b, Finish("length"))
+                return
+            tok = self._sample_constrained(s, logits)
+        else:
+            tok = self._sample(s, logits)
+        self._emit_token(s, tok, logits)
+        if tok in s.stop_ids or (s.constraint is not None and s.constraint.done):
+            self._finish(b, Finish("stop"))
+        elif len(s.generated) >= s.max_tokens:
+            self._finish(b, Finish("length"))
+        else:
+            s.pending = tok
+
+    def _emit_token(self, s: Sequence_, tok: int, logits: torch.Tensor | None) -> None:
+        s.generated.append(tok)
+        self.generated_tokens += 1
+        if s.constraint is not None and tok not in s.stop_ids:
+            s.constraint.advance(self.tokenizer.token_bytes[tok])
+        event = Token(tok)
+        if s.logprobs is not None and logits is not None:
+            lp = torch.log_softmax(logits.float(), -1)
+            event.logprob = float(lp[tok])
+            if s.logprobs > 0:
+                vals, ids = torch.topk(lp, s.logprobs)
+                event.top = list(zip(ids.tolist(), vals.tolist(), strict=True))
+        s.emit(event)
+
+    def _penalised(self, s: Sequence_, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = s.sampling
+        out = torch.tensor(s.generated, dtype=torch.long)
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            seen = torch.cat([torch.tensor(s.prompt, dtype=torch.long), out])
+            logits = apply_penalties(logits, seen, out, p)
+        return logits, out
+
+    def _sample(self, s: Sequence_, logits: torch.Tensor) -> int:
+        p = s.sampling
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            out = torch.tensor(s.generated, dtype=torch.long)
+            return sample(logits, p, s.generator, torch.cat([torch.tensor(s.prompt, dtype=torch.long), out]), out)
+        return sample(logits, p, s.generator)
+
+    # --- constrained decoding ---
+    def _allowed(self, s: Sequence_, tok: int) -> bool:
+        c = s.constraint
+        if tok in s.stop_ids:
+            return c.can_end()
+        if tok in self.tokenizer.special_ids:
+            return False
+        out = c.try_bytes(self.tokenizer.token_bytes[tok])
+        if out is None:
+            return False
+        room = s.max_tokens - len(s.generated) - 1  # tokens left after this one
+        return out[0] == () or len(c.completion(out[0])) <= room
+
+    def _sample_constrained(self, s: Sequence_, logits: torch.Tensor) -> int:
+        """A token the grammar allows: greedy takes the best allowed; sampling draws from the allowed
+        part of the distribution (rejection sampling: draw, refuse a disallowed token, draw again)."""
+        logits, _ = self._penalised(s, logits.float())
+        if s.sampling.greedy:
+            order = torch.argsort(logits, descending=True)
+        else:
+            probs = filter_logits(logits, s.sampling).softmax(-1)
+            for _ in range(32):
+                if float(probs.sum()) <= 0:
+                    break
+                tok = int(torch.multinomial(probs, 1, generator=s.generator))
+                if self._allowed(s, tok):
+                    return tok
+                probs[tok] = 0.0
+            order = torch.argsort(logits, descending=True)
+        for tok in order.tolist():
+            if self._allowed(s, tok):
+                return tok
+        raise RuntimeError("no token continues the JSON")  # unreachable: every single byte is a token
+
+    def _forced_completion(self, s: Sequence_) -> list[int] | None:
+        """When the budget leaves exactly room for the shortest completion, the tokens of it; else None."""
+        room = s.max_tokens - len(s.generated)
+        if s.constraint.can_end() and room > 1:
+            return None
+        text = s.constraint.completion()
+        if room > len(text) or not text:
+            return None
+        return self.tokens_for(text)
+
+    def tokens_for(self, data: bytes) -> list[int]:
+        """Greedy longest-match tokens whose bytes join to exactly `data`."""
+        out, i = [], 0
+        while i < len(data):
+            for n in range(min(self._max_token_len, len(data) - i), 0, -1):
+                tok = self._bytes_to_id.get(data[i:i + n])
+                if tok is not None:
+                    out.append(tok)
+                    i += n
+                    break
+            else:
+                raise RuntimeError(f"no token for byte {data[i]:#x}")
+        return out
+
+
+def make_sequence(prompt: Sequence[int], max_tokens: int, emit: Callable[[Token | Finish], None], **kw) -> Sequence_:
+    """A Sequence_ ready for Engine.submit."""
+    return Sequence_(list(prompt), max_tokens, emit, **kw)

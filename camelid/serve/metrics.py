@@ -1,0 +1,92 @@
+"""A few Prometheus metrics (counters, gauges, histograms) rendered in the text exposition format."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections.abc import Callable
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+def _labels(labels: tuple[tuple[str, str], ...]) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in labels)
+    return "{" + inner + "}"
+
+
+class Counter:
+    def __init__(self, name: str, help: str) -> None:
+        self.name, self.help = name, help
+        self.values: dict[tuple, float] = {}
+        self.lock = threading.Lock()
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        with self.lock:
+            self.values[key] = self.values.get(key, 0.0) + amount
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
+        with self.lock:
+            items = list(self.values.items()) or [((), 0.0)]
+        return lines + [f"{self.name}{_labels(k)} {v:g}" for k, v in items]
+
+
+class Gauge:
+    """A value read when scraped."""
+
+    def __init__(self, name: str, help: str, read: Callable[[], float]) -> None:
+        self.name, self.help, self.read = name, help, read
+
+    def render(self) -> list[str]:
+        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge", f"{self.name} {self.read():g}"]
+
+
+class Histogram:
+    def __init__(self, name: str, help: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.name, self.help, self.buckets = name, help, buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+        self.lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        with self.lock:
+            self.counts[bisect.bisect_left(self.buckets, value)] += 1
+            self.sum += value
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        with self.lock:
+            counts, total = list(self.counts), self.sum
+        running = 0
+        for bound, count in zip(self.buckets, counts, strict=False):
+            running += count
+            lines.append(f'{self.name}_bucket{{le="{bound:g}"}} {running}')
+        running += counts[-1]
+        lines += [f'{self.name}_bucket{{le="+Inf"}} {running}', f"{self.name}_sum {total:g}", f"{self.name}_count {running}"]
+        return lines
+
+
+class Metrics:
+    """The server's metrics. Gauges read the engine when scraped."""
+
+    def __init__(self, engine) -> None:
+        self.requests = Counter("camelid_requests_total", "HTTP requests by endpoint and status code")
+        self.prompt_tokens = Counter("camelid_prompt_tokens_total", "prompt tokens of finished requests")
+        self.completion_tokens = Counter("camelid_completion_tokens_total", "generated tokens of finished requests")
+        self.latency = Histogram("camelid_request_latency_seconds", "time from request to last token (generation endpoints)")
+        self.ttft = Histogram("camelid_time_to_first_token_seconds", "time from request to first token")
+        self.gauges = [
+            Gauge("camelid_queue_depth", "sequences waiting for a slot", lambda: engine.queued),
+            Gauge("camelid_running_sequences", "sequences holding a slot", lambda: engine.active),
+            Gauge("camelid_slots", "slots (the most sequences decoding at once)", lambda: engine.slots),
+            Gauge("camelid_engine_steps", "scheduler steps run", lambda: engine.steps),
+        ]
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for m in (self.requests, self.prompt_tokens, self.completion_tokens, self.latency, self.ttft, *self.gauges):
+            lines += m.render()
+        return "\n".join(lines) + "\n"

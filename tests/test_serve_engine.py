@@ -1,0 +1,73 @@
+"""The continuous-batching engine in process: greedy tokens match the reference alone and beside others."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from camelid.serve.engine import Engine, Finish, QueueFullError, make_sequence
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.finish: Finish | None = None
+        self.done = threading.Event()
+
+    def __call__(self, event) -> None:
+        if isinstance(event, Finish):
+            self.finish = event
+            self.done.set()
+        else:
+            self.ids.append(event.id)
+
+
+@pytest.fixture(scope="module")
+def engine(llm):
+    eng = Engine(llm.model, llm.tokenizer, max_concurrency=4, max_seq_len=1024, max_queue=2, prefill_chunk=64)
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+def run(engine, prompts, max_tokens, stop_ids):
+    outs = []
+    for p, n in zip(prompts, max_tokens, strict=True):
+        c = Collector()
+        engine.submit(make_sequence(p, n, c, stop_ids=stop_ids))
+        outs.append(c)
+    for c in outs:
+        assert c.done.wait(120), "the engine did not finish"
+    return outs
+
+
+def test_greedy_matches_reference_beside_others_and_long_prefill(engine, reference, llm):
+    cases = reference["greedy"]
+    # a long prompt prefilled in chunks of 64 while the reference prompts decode beside it
+    long_prompt = llm.tokenizer.encode("The history of the river. " * 60, bos=True)
+    prompts = [c["prompt_ids"] for c in cases] + [long_prompt]
+    budgets = [len(c["new_ids"]) for c in cases] + [8]
+    outs = run(engine, prompts, budgets, llm.tokenizer.stop_ids)
+    for case, out in zip(cases, outs, strict=False):
+        assert out.ids == case["new_ids"], case["prompt"]
+    # the long prompt's output equals the same request alone
+    alone = run(engine, [long_prompt], [8], llm.tokenizer.stop_ids)[0]
+    assert alone.ids == outs[-1].ids and len(alone.ids) == 8
+    assert engine.active == 0
+
+
+def test_queue_bound_and_cancel_frees_slot(engine, llm):
+    prompt = llm.tokenizer.encode("Count to one hundred:", bos=True)
+    held = [Collector() for _ in range(6)]  # 4 slots + 2 queued
+    seqs = [make_sequence(prompt, 500, c) for c in held]
+    for s in seqs:
+        engine.submit(s)
+    with pytest.raises(QueueFullError):
+        engine.submit(make_sequence(prompt, 5, Collector()))
+    for s in seqs:
+        engine.cancel(s)
+    for c in held:
+        assert c.done.wait(30) and c.finish.reason == "cancelled"
+    assert engine.active == 0 and engine.queued == 0
+    assert all(len(c.ids) < 500 for c in held)
