@@ -17,15 +17,21 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+# the web chat page's end-to-end test drives Debian's chromium (never a browser download)
+$(VENV)/.browser: | $(BIN)/python
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "warning: could not install chromium; the browser test will be skipped"
+	touch $@
+
 setup: $(VENV)/.installed
 
 run: setup
 	$(BIN)/camelid run "$(PROMPT)"
 
-test: setup
+test: setup $(VENV)/.browser
 	$(BIN)/python -m pytest -q
 
-test-fast: setup
+test-fast: setup $(VENV)/.browser
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup

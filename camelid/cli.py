@@ -326,7 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--template", action="store_true", help="also print the chat template")
     p.set_defaults(func=cmd_info)
+
+    from .serve import add_arguments as serve_arguments  # flags only: the server's modules load on use
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
+    serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
     return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .serve import serve
+
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_concurrency=args.max_concurrency,
+          cors_origins=args.cors_origin, log_level=args.log_level, max_queue=args.max_queue, max_seq_len=args.max_seq_len,
+          max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, model_id=args.model_id)
 
 
 def main(argv: list[str] | None = None) -> int:
