@@ -25,6 +25,10 @@ class LazyTensor:
     shape: tuple[int, ...]
     dtype: str  # the stored type, e.g. "F32", "Q4_1", "bfloat16"
     load: Callable[[], torch.Tensor]
+    # the stored encoding for quantized types, for runtimes that keep weights quantized: (kind, data).
+    # GGUF: (ggml type name, uint8 array [rows, bytes per row] of its blocks, rows in canonical order);
+    # camelid int8/int4 folders: ("int8" | "int4", dict of tensors). None for float tensors.
+    raw: Callable[[], tuple[str, object]] | None = None
 
 
 @dataclass
