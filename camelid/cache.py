@@ -24,9 +24,7 @@ class KVCache:
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch: int, max_len: int) -> KVCache:
         cfg = model.config
-        w = model.tok_embeddings.weight
-        dtype = w.dtype if w.is_floating_point() else torch.float32
-        return cls(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype, w.device)
+        return cls(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, model.dtype, model.device)
 
     def _attention_mask(self, positions: torch.Tensor, span: int) -> torch.Tensor:
         # computed once per forward (all layers share it): slot s visible to a query at p iff s <= p

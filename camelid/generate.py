@@ -34,7 +34,7 @@ def check_fits(prompt_len: int, context: int) -> None:
 @torch.inference_mode()
 def prefill(model: torch.nn.Module, cache: KVCache, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
     """Run the prompts (rows of different lengths, right-padded) into the cache; logits of each row's last token [B,V]."""
-    device = model.tok_embeddings.weight.device
+    device = model.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     T = int(lengths.max())
     tokens = torch.zeros(len(prompts), T, dtype=torch.long, device=device)
@@ -71,7 +71,7 @@ def generate(model: torch.nn.Module, requests: Sequence[Request]) -> Iterator[li
         return
     span = max(len(r.prompt) + n for r, n in zip(requests, budgets))
     cache = KVCache.for_model(model, len(requests), span)
-    device = model.tok_embeddings.weight.device
+    device = model.device
 
     generators = [r.sampling.generator() for r in requests]
     seen = [torch.as_tensor(list(r.prompt), dtype=torch.long) for r in requests]

@@ -35,7 +35,7 @@ def perplexity(model: torch.nn.Module, ids: Sequence[int], window: int | None = 
         raise ValueError("perplexity needs at least two tokens")
     if window < 2:
         raise ValueError("the window must hold at least two tokens")
-    device = model.tok_embeddings.weight.device
+    device = model.device
     tokens = torch.as_tensor(list(ids), dtype=torch.long, device=device)
     n = len(tokens)
     stride = window // 2 if n > window else window

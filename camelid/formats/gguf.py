@@ -175,6 +175,19 @@ def _loader(tensor, permute_heads: int | None):
     return load
 
 
+FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
+
+
+def _raw(tensor, permute_heads: int | None):
+    def raw() -> tuple[str, np.ndarray]:
+        rows = np.asarray(tensor.data)  # uint8 [rows, bytes per row], a view of the memory map
+        if permute_heads is not None:  # rows are whole blocks along K: the Q/K row order converts losslessly
+            rows = interleaved_to_half(torch.from_numpy(np.ascontiguousarray(rows)), permute_heads).numpy()
+        return tensor.tensor_type.name, rows
+
+    return raw
+
+
 def read(path: Path) -> Checkpoint:
     reader = _open(path)
     tokenizer = read_tokenizer(reader)
@@ -188,7 +201,8 @@ def read(path: Path) -> Checkpoint:
             raise UnsupportedModelError(f"{path}: unexpected tensor {t.name!r} for a llama model")
         heads = config.n_heads if name.endswith("wq.weight") else config.n_kv_heads if name.endswith("wk.weight") else None
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        tensors[name] = LazyTensor(shape, t.tensor_type.name, _loader(t, heads))
+        raw = _raw(t, heads) if t.tensor_type.name not in FLOAT_TYPES else None
+        tensors[name] = LazyTensor(shape, t.tensor_type.name, _loader(t, heads), raw)
     file_type = _field(reader, "general.file_type")
     from gguf import LlamaFileType
 

@@ -82,11 +82,9 @@ class SlotCache:
     @classmethod
     def for_model(cls, model: torch.nn.Module, rows: int, max_len: int) -> SlotCache:
         cfg = model.config
-        w = model.tok_embeddings.weight
-        dtype = w.dtype if w.is_floating_point() else torch.float32
         shape = (rows, cfg.n_kv_heads, max_len, cfg.head_dim)  # [B,K,S,E]
-        k = [torch.zeros(shape, dtype=dtype, device=w.device) for _ in range(cfg.n_layers)]
-        v = [torch.zeros(shape, dtype=dtype, device=w.device) for _ in range(cfg.n_layers)]
+        k = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(cfg.n_layers)]
+        v = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(cfg.n_layers)]
         return cls(k, v)
 
     def view(self, start: int, stop: int) -> SlotCache:
@@ -116,7 +114,7 @@ class Engine:
         self.max_seq_len = min(max_seq_len or 4096, model.config.max_seq_len)
         self.max_queue = max_queue if max_queue is not None else 4 * max_concurrency
         self.prefill_chunk = prefill_chunk
-        self.device = model.tok_embeddings.weight.device
+        self.device = model.device
         self.cache = SlotCache.for_model(model, max_concurrency, self.max_seq_len)
         self.rows: list[Sequence_ | None] = [None] * max_concurrency
         self.waiting: deque[Sequence_] = deque()

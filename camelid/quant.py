@@ -1,0 +1,232 @@
+"""Weights that stay quantized at run time: int4 / int8 weight-only linear layers and a quantized embedding.
+
+The matrix products run in PyTorch's own weight-only kernels (`_weight_int4pack_mm*`, `_weight_int8pack_mm`),
+which are fast with bfloat16 activations. Every quantized weight is first brought to one of two plain forms:
+
+  Int4Weight: w[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g],  q in 0..15,  g = k // group
+  Int8Weight: w[n, k] = q[n, k] * scale[n],  q in -128..127 (one scale per output row)
+
+GGUF blocks map onto Int4Weight without loss of the integers (the scales become bfloat16, as the kernel wants):
+  Q4_0  w = d * (q - 8)           -> scale d, zero 0
+  Q4_1  w = d * q + m             -> scale d, zero m + 8d
+  Q8_0  w = d * q, q = 16 hi + lo -> two 4-bit halves over a doubled input: [hi + 8 | lo] with scales [16d | d]
+        and zeros [0 | 8d]; the layer feeds [x, x] so one int4 product gives d * (16 hi + lo) = d * q.
+Other GGUF types (K-quants, Q5_*) are dequantized once and requantized to int4 or int8 (lossy; see `from_float`).
+
+Prefill (many rows at once) is compute-bound, where the int4 kernel is slower than a dense bfloat16 product on
+AMX/AVX-512: layers then dequantize their weight to bfloat16 for the duration of one call (DENSE_ROWS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DENSE_ROWS = 32  # a call with at least this many rows dequantizes and runs a dense bf16 product (CPU)
+GROUP = 32  # GGUF's block size; also camelid's int4 group when quantizing float weights
+
+
+@dataclass
+class Int4Weight:
+    q: torch.Tensor  # uint8 [N, K], values 0..15
+    scale: torch.Tensor  # float32 [N, K // group]
+    zero: torch.Tensor  # float32 [N, K // group]
+    group: int = GROUP
+    doubled_input: bool = False  # Q8_0 split into two nibbles: the layer's input is [x, x]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, k = self.q.shape
+        return n, k // 2 if self.doubled_input else k
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.q.shape
+        g = self.q.view(n, k // self.group, self.group).float()
+        w = ((g - 8) * self.scale[..., None] + self.zero[..., None]).reshape(n, k)
+        if self.doubled_input:
+            w = w[:, : k // 2] + w[:, k // 2 :]
+        return w
+
+
+@dataclass
+class Int8Weight:
+    q: torch.Tensor  # int8 [N, K]
+    scale: torch.Tensor  # float32 [N]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale[:, None]
+
+
+QuantWeight = Int4Weight | Int8Weight
+
+
+# --- from GGUF blocks ---------------------------------------------------------------------------------
+
+def _f16(blocks: np.ndarray, start: int) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(blocks[..., start : start + 2]).view(np.float16)[..., 0].astype(np.float32))
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """GGUF 4-bit block payload [..., 16] -> values [..., 32]: low nibbles are elements 0..15, high 16..31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def from_gguf(kind: str, data: np.ndarray, shape: tuple[int, int]) -> Int4Weight | None:
+    """GGUF Q4_0 / Q4_1 / Q8_0 rows (uint8 [N, bytes per row]) as an Int4Weight; None for other types."""
+    n, k = shape
+    size = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}.get(kind)
+    if size is None:
+        return None
+    blocks = np.asarray(data).reshape(n, k // GROUP, size)
+    d = _f16(blocks, 0)
+    if kind == "Q8_0":
+        q8 = blocks[..., 2:].view(np.int8).astype(np.int16)  # [N, G, 32]
+        hi, lo = (q8 >> 4) + 8, q8 & 0x0F  # q = 16 (hi - 8) + lo, both in 0..15
+        q = torch.from_numpy(np.concatenate([hi, lo], axis=1).astype(np.uint8).reshape(n, 2 * k))
+        scale = torch.cat([16 * d, d], dim=1)
+        zero = torch.cat([torch.zeros_like(d), 8 * d], dim=1)
+        return Int4Weight(q, scale, zero, GROUP, doubled_input=True)
+    offset = 2 if kind == "Q4_0" else 4
+    q = torch.from_numpy(_nibbles(blocks[..., offset:]).reshape(n, k))
+    zero = torch.zeros_like(d) if kind == "Q4_0" else _f16(blocks, 2) + 8 * d
+    return Int4Weight(q, d, zero, GROUP)
+
+
+# --- from float weights -------------------------------------------------------------------------------
+
+def int4_from_float(w: torch.Tensor, group: int = GROUP) -> Int4Weight:
+    """Asymmetric 4-bit quantization in groups along K (min/max per group)."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15)
+    return Int4Weight(q.to(torch.uint8).reshape(n, k), scale, lo + 8 * scale, group)
+
+
+def int8_from_float(w: torch.Tensor) -> Int8Weight:
+    """Symmetric 8-bit quantization with one scale per output row."""
+    w = w.float()
+    scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
+    return Int8Weight((w / scale[:, None]).round().clamp(-128, 127).to(torch.int8), scale)
+
+
+def concat(weights: list[QuantWeight]) -> QuantWeight:
+    """Several weights with the same input stacked along N (fused Q/K/V or gate/up projections)."""
+    a = weights[0]
+    if isinstance(a, Int4Weight):
+        if any(not isinstance(w, Int4Weight) or (w.group, w.doubled_input) != (a.group, a.doubled_input) for w in weights):
+            raise ValueError("cannot fuse int4 weights of different layouts")
+        return Int4Weight(torch.cat([w.q for w in weights]), torch.cat([w.scale for w in weights]),
+                          torch.cat([w.zero for w in weights]), a.group, a.doubled_input)
+    if any(not isinstance(w, Int8Weight) for w in weights):
+        raise ValueError("cannot fuse int8 with other weights")
+    return Int8Weight(torch.cat([w.q for w in weights]), torch.cat([w.scale for w in weights]))
+
+
+# --- modules ------------------------------------------------------------------------------------------
+
+class Int4Linear(nn.Module):
+    """y = x W^T with W kept as packed 4-bit integers and per-group bf16 scale/zero (PyTorch's int4 kernel)."""
+
+    def __init__(self, w: Int4Weight, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        device = torch.device(device)
+        self.out_features, self.in_features = w.shape
+        self.group, self.doubled_input = w.group, w.doubled_input
+        q32 = w.q.to(torch.int32)
+        if device.type == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q32, 2)
+        else:  # CUDA: the kernel wants the pairs packed into uint8 first
+            packed = torch.ops.aten._convert_weight_to_int4pack((q32[:, ::2] << 4 | q32[:, 1::2]).to(torch.uint8).to(device), 8)
+        self.register_buffer("packed", packed.to(device))
+        self.register_buffer("scale_zero", torch.stack([w.scale.t(), w.zero.t()], -1).to(torch.bfloat16).contiguous().to(device))
+        # for dense prefill: the nibbles two to a byte, row-major (half the bytes of the unpacked values)
+        self.register_buffer("nibbles", (w.q[:, ::2] | w.q[:, 1::2] << 4).to(device))
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        n, half = self.nibbles.shape
+        q = torch.stack([self.nibbles & 0x0F, self.nibbles >> 4], -1).view(n, half * 2 // self.group, self.group)
+        s, z = self.scale_zero[..., 0].t(), self.scale_zero[..., 1].t()  # [N, G]
+        w = ((q.to(dtype) - 8) * s[..., None].to(dtype) + z[..., None].to(dtype)).view(n, half * 2)
+        if self.doubled_input:
+            w = w[:, : half] + w[:, half:]
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        if x.shape[0] >= DENSE_ROWS and x.device.type == "cpu":
+            y = F.linear(x, self.dequantize())
+        else:
+            if self.doubled_input:
+                x = torch.cat([x, x], dim=-1)
+            if x.device.type == "cpu":
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scale_zero)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group, self.scale_zero)
+        return y.view(*shape[:-1], self.out_features)
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T with W kept as int8 and one bf16 scale per output row (PyTorch's int8 weight-only kernel)."""
+
+    def __init__(self, w: Int8Weight, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.out_features, self.in_features = w.shape
+        self.register_buffer("q", w.q.to(device))
+        self.register_buffer("scale", w.scale.to(torch.bfloat16).to(device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        if x.shape[0] >= DENSE_ROWS and x.device.type == "cpu":
+            y = F.linear(x, self.q.to(torch.bfloat16) * self.scale[:, None])
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
+        return y.view(*shape[:-1], self.out_features)
+
+
+def linear_for(w: QuantWeight, device: torch.device | str = "cpu") -> nn.Module:
+    return Int4Linear(w, device) if isinstance(w, Int4Weight) else Int8Linear(w, device)
+
+
+class QuantEmbedding(nn.Module):
+    """Token embedding rows kept quantized; only the looked-up rows are dequantized."""
+
+    def __init__(self, w: QuantWeight, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.dtype = dtype
+        if isinstance(w, Int4Weight) and w.doubled_input:  # Q8_0: back to its int8 values and one scale per block
+            n, k2 = w.q.shape
+            hi, lo = w.q[:, : k2 // 2].to(torch.int16) - 8, w.q[:, k2 // 2 :].to(torch.int16)
+            self.register_buffer("q", (16 * hi + lo).to(torch.int8).to(device))
+            self.register_buffer("scale", w.scale[:, w.scale.shape[1] // 2 :].to(device))
+            self.register_buffer("zero", torch.zeros_like(self.scale))
+            self.offset = 0
+        elif isinstance(w, Int4Weight):
+            self.register_buffer("q", w.q.to(device))
+            self.register_buffer("scale", w.scale.to(device))
+            self.register_buffer("zero", w.zero.to(device))
+            self.offset = 8
+        else:
+            self.register_buffer("q", w.q.to(device))
+            self.register_buffer("scale", w.scale[:, None].to(device))
+            self.register_buffer("zero", torch.zeros_like(self.scale))
+            self.offset = 0
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        q = self.q[ids].float()  # [..., K]
+        k = q.shape[-1]
+        g = k // self.scale.shape[-1]
+        q = q.view(*q.shape[:-1], k // g, g)
+        w = (q - self.offset) * self.scale[ids][..., None] + self.zero[ids][..., None]
+        return w.reshape(*ids.shape, k).to(self.dtype)
