@@ -112,12 +112,16 @@ class TextGeneration:
         return self.completion
 
 
-def load(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-         device: str | torch.device = "cpu") -> LLM:
-    """Load a model by store name or path (a GGUF file, later a folder). None means the default model."""
+def load(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
+         device: str | torch.device = "cpu", quant: str | None = "auto") -> LLM:
+    """Load a model by store name or path (a GGUF file, a Hugging Face or Meta folder). None means the default model.
+
+    quant="auto" (default) is the fast path: GGUF Q4_0/Q4_1/Q8_0 weights stay quantized, bfloat16 activations;
+    "int8" / "int4" quantize every linear layer at load; None is the float32 reference path (see camelid/loader.py).
+    """
     from .formats import read
     from .loader import build_model
     from .store import resolve
 
     ckpt = read(resolve(name_or_path))
-    return LLM(build_model(ckpt, dtype=dtype, device=device), ckpt)
+    return LLM(build_model(ckpt, dtype=dtype, device=device, quant=quant), ckpt)

@@ -49,7 +49,20 @@ def _load(model: str | None, args: argparse.Namespace, sampling: bool = True):
         if args.threads < 1:
             raise CamelidError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    return load(path), params
+    return load(path, quant=_quant(args)), params
+
+
+def _quant(args: argparse.Namespace) -> str | None:
+    """--reference: the float32 reference path; --quant MODE otherwise (default auto: the fast path)."""
+    return None if getattr(args, "reference", False) else getattr(args, "quant", "auto")
+
+
+def _add_runtime(p: argparse.ArgumentParser, fast: bool = True) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--quant", choices=("auto", "int8", "int4"), default="auto" if fast else None,
+                   help="weights at run time: auto keeps GGUF Q4_0/Q4_1/Q8_0 quantized (bf16 activations); int8/int4 "
+                        f"quantize every linear layer at load (default {'auto' if fast else 'none: the float32 reference path'})")
+    g.add_argument("--reference", action="store_true", help="the float32 reference path (every weight dequantized)")
 
 
 def _stream_out(generation, out=sys.stdout) -> None:
@@ -272,6 +285,7 @@ def _add_sampling(p: argparse.ArgumentParser, max_tokens: int = 512) -> None:
     g.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for reproducible sampling")
     g.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
     g.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads")
+    _add_runtime(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None, metavar="N", help="window length (default: the context length)")
     p.add_argument("--threads", type=int, default=None, metavar="N")
     p.add_argument("--json", action="store_true")
+    _add_runtime(p, fast=False)  # perplexity is a measurement: the reference path unless asked
     p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("info", help="architecture, sizes, quantization, context, template")
@@ -331,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
     serve_arguments(p)
+    _add_runtime(p)
     p.set_defaults(func=cmd_serve)
     return parser
 
@@ -340,7 +356,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_concurrency=args.max_concurrency,
           cors_origins=args.cors_origin, log_level=args.log_level, max_queue=args.max_queue, max_seq_len=args.max_seq_len,
-          max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, model_id=args.model_id)
+          max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, model_id=args.model_id, quant=_quant(args))
 
 
 def main(argv: list[str] | None = None) -> int:

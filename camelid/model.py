@@ -29,8 +29,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in float32 whatever the activation dtype, as the reference does
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -50,11 +49,18 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
     return inv_freq.float()
 
 
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin [B,T,1,E] for positions [B,T], laid out for apply_rope."""
+    angles = positions[..., None].float() * inv_freq  # [B,T,E/2]
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), -1)[:, :, None], torch.cat((-sin, sin), -1)[:, :, None]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B,T,H,E]; cos/sin [B,T,1,E/2]. Rotate-half layout: pairs are (i, i + E/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
+    """x [B,T,H,E] rotated in float32. Rotate-half layout, pairs (i, i + E/2): with x = [x1, x2],
+    out = [x1 cos - x2 sin, x2 cos + x1 sin] = x * [cos, cos] + [x2, x1] * [-sin, sin]."""
+    xf = x.float()
+    return (xf * cos + xf.roll(x.shape[-1] // 2, -1) * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -70,15 +76,15 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, positions, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        if self.wqkv is not None:
-            kv = self.n_kv_heads * self.head_dim
-            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+        H, K, E = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.wqkv is not None:  # one product, and Q and K rotated together
+            qk, v = self.wqkv(x).split([(H + K) * E, K * E], dim=-1)
+            q, k = apply_rope(qk.view(B, T, H + K, E), cos, sin).split([H, K], dim=2)
         else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = q.view(B, T, self.n_heads, self.head_dim)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = apply_rope(self.wq(x).view(B, T, H, E), cos, sin)
+            k = apply_rope(self.wk(x).view(B, T, K, E), cos, sin)
+            v = self.wv(x)
+        v = v.view(B, T, K, E)
 
         if cache is None:  # whole sequences from position 0: plain causal attention
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B,H|K,T,E]
@@ -163,8 +169,7 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
-        angles = positions[..., None].float() * self.inv_freq  # [B,T,E/2]
-        cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]  # [B,T,1,E/2]
+        cos, sin = rope_tables(positions, self.inv_freq)  # [B,T,1,E]
 
         x = self.tok_embeddings(tokens)  # [B,T,D]
         for layer in self.layers:

@@ -32,7 +32,7 @@ def default_model_path() -> Path:
 def llm(default_model_path):
     import camelid
 
-    return camelid.load(default_model_path)
+    return camelid.load(default_model_path, quant=None)  # the float32 reference path
 
 
 @pytest.fixture()

@@ -182,7 +182,7 @@ def _raw(tensor, permute_heads: int | None):
     def raw() -> tuple[str, np.ndarray]:
         rows = np.asarray(tensor.data)  # uint8 [rows, bytes per row], a view of the memory map
         if permute_heads is not None:  # rows are whole blocks along K: the Q/K row order converts losslessly
-            rows = interleaved_to_half(torch.from_numpy(np.ascontiguousarray(rows)), permute_heads).numpy()
+            rows = interleaved_to_half(torch.from_numpy(np.array(rows)), permute_heads).numpy()
         return tensor.tensor_type.name, rows
 
     return raw

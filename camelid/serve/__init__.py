@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_state(model: str | None = None, api_key: str | None = None, max_concurrency: int = 8, max_queue: int | None = None,
                 max_seq_len: int = 4096, max_tokens: int | None = None, max_body_bytes: int = 1 << 20,
-                model_id: str | None = None):
+                model_id: str | None = None, quant: str | None = "auto"):
     """Load the model and make the engine and server state (nothing is started)."""
     from ..chat import template_for
     from ..errors import CamelidError
@@ -54,7 +54,7 @@ def build_state(model: str | None = None, api_key: str | None = None, max_concur
         raise CamelidError("--max-concurrency must be >= 1 and --max-seq-len >= 2")
     path = resolve(model)
     ckpt = read(path)
-    net = build_model(ckpt)
+    net = build_model(ckpt, quant=quant)
     engine = Engine(net, ckpt.tokenizer, max_concurrency=max_concurrency, max_seq_len=max_seq_len, max_queue=max_queue)
     limits = Limits(max_seq_len=engine.max_seq_len, max_tokens=min(max_tokens or engine.max_seq_len, engine.max_seq_len),
                     max_n=max_concurrency, max_body_bytes=max_body_bytes)
