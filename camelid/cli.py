@@ -342,6 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", action="store_true", help="also print the chat template")
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("bench", help="load time, first token, prefill and decode speed, peak memory (vs peers)")
+    p.add_argument("model", nargs="?", default=None, help=model_help)
+    p.add_argument("--json", action="store_true", help="one JSON object: load_s, ttft_s, prefill_tok_s, decode_tok_s, peak_rss_mb")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for every engine (default: all cores, at most 8)")
+    p.add_argument("--vs", action="append", choices=("llama.cpp", "transformers"), metavar="PEER",
+                   help="also measure llama.cpp or transformers on the same file in the same run (repeatable)")
+    p.add_argument("--repeats", type=int, default=3, metavar="N", help="runs per figure; medians are shown (default 3)")
+    _add_runtime(p)
+    p.set_defaults(func=cmd_bench)
+
     from .serve import add_arguments as serve_arguments  # flags only: the server's modules load on use
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
@@ -349,6 +359,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(p)
     p.set_defaults(func=cmd_serve)
     return parser
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import os
+
+    from . import bench
+    from .store import resolve
+
+    threads = args.threads or min(os.cpu_count() or 1, 8)
+    if threads < 1 or args.repeats < 1:
+        raise CamelidError("--threads and --repeats must be >= 1")
+    path = str(resolve(args.model))
+    try:
+        result = bench.run(path, threads, args.vs or [], args.repeats, _quant(args),
+                           progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except RuntimeError as e:
+        raise CamelidError(str(e)) from None
+    print(json.dumps(result, indent=2) if args.json else bench.table(result))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

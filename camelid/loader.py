@@ -135,7 +135,7 @@ def _quantize_into(model: Transformer, ckpt: Checkpoint, mode: str, device) -> s
     out = ckpt.tensors[out_name]
     out_w = _quant_weight(out, mode, tuple(out.shape))
     if out_w is not None:
-        model.output = Q.linear_for(out_w, device)
+        model.output = Q.linear_for(out_w, device, dense_prefill=False)
         taken.add(out_name)
     if emb.raw is not None:  # keep a quantized embedding quantized; a float one stays float
         emb_w = out_w if ckpt.config.tie_embeddings and out_w is not None else _quant_weight(emb, "auto", tuple(emb.shape))

@@ -79,6 +79,9 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
+CHUNK_ROWS = 4096  # rows converted at a time: bounds the temporaries (a multiple of the CPU packing's 64-row blocks)
+
+
 def from_gguf(kind: str, data: np.ndarray, shape: tuple[int, int]) -> Int4Weight | None:
     """GGUF Q4_0 / Q4_1 / Q8_0 rows (uint8 [N, bytes per row]) as an Int4Weight; None for other types."""
     n, k = shape
@@ -86,6 +89,12 @@ def from_gguf(kind: str, data: np.ndarray, shape: tuple[int, int]) -> Int4Weight
     if size is None:
         return None
     blocks = np.asarray(data).reshape(n, k // GROUP, size)
+    parts = [_from_blocks(kind, blocks[i : i + CHUNK_ROWS], k) for i in range(0, n, CHUNK_ROWS)]
+    return concat(parts) if len(parts) > 1 else parts[0]
+
+
+def _from_blocks(kind: str, blocks: np.ndarray, k: int) -> Int4Weight:
+    n = blocks.shape[0]
     d = _f16(blocks, 0)
     if kind == "Q8_0":
         q8 = blocks[..., 2:].view(np.int8).astype(np.int16)  # [N, G, 32]
@@ -137,22 +146,24 @@ def concat(weights: list[QuantWeight]) -> QuantWeight:
 class Int4Linear(nn.Module):
     """y = x W^T with W kept as packed 4-bit integers and per-group bf16 scale/zero (PyTorch's int4 kernel)."""
 
-    def __init__(self, w: Int4Weight, device: torch.device | str = "cpu") -> None:
+    def __init__(self, w: Int4Weight, device: torch.device | str = "cpu", dense_prefill: bool = True) -> None:
         super().__init__()
         device = torch.device(device)
         self.out_features, self.in_features = w.shape
         self.group, self.doubled_input = w.group, w.doubled_input
-        q32 = w.q.to(torch.int32)
-        if device.type == "cpu":
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q32, 2)
+        if device.type == "cpu":  # packed a chunk of rows at a time (the int32 input is 4 bytes per weight)
+            packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.q[i : i + CHUNK_ROWS].to(torch.int32), 2)
+                                for i in range(0, w.q.shape[0], CHUNK_ROWS)])
         else:  # CUDA: the kernel wants the pairs packed into uint8 first
-            packed = torch.ops.aten._convert_weight_to_int4pack((q32[:, ::2] << 4 | q32[:, 1::2]).to(torch.uint8).to(device), 8)
+            packed = torch.ops.aten._convert_weight_to_int4pack((w.q[:, ::2] << 4 | w.q[:, 1::2]).to(device), 8)
         self.register_buffer("packed", packed.to(device))
         self.register_buffer("scale_zero", torch.stack([w.scale.t(), w.zero.t()], -1).to(torch.bfloat16).contiguous().to(device))
         # for dense prefill: the nibbles two to a byte, row-major (half the bytes of the unpacked values)
-        self.register_buffer("nibbles", (w.q[:, ::2] | w.q[:, 1::2] << 4).to(device))
+        self.register_buffer("nibbles", (w.q[:, ::2] | w.q[:, 1::2] << 4).to(device) if dense_prefill else None)
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        if self.nibbles is None:
+            raise RuntimeError("this layer keeps no copy for dequantizing (dense_prefill=False)")
         n, half = self.nibbles.shape
         q = torch.stack([self.nibbles & 0x0F, self.nibbles >> 4], -1).view(n, half * 2 // self.group, self.group)
         s, z = self.scale_zero[..., 0].t(), self.scale_zero[..., 1].t()  # [N, G]
@@ -164,7 +175,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        if x.shape[0] >= DENSE_ROWS and x.device.type == "cpu":
+        if x.shape[0] >= DENSE_ROWS and x.device.type == "cpu" and self.nibbles is not None:
             y = F.linear(x, self.dequantize())
         else:
             if self.doubled_input:
@@ -195,8 +206,10 @@ class Int8Linear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
-def linear_for(w: QuantWeight, device: torch.device | str = "cpu") -> nn.Module:
-    return Int4Linear(w, device) if isinstance(w, Int4Weight) else Int8Linear(w, device)
+def linear_for(w: QuantWeight, device: torch.device | str = "cpu", dense_prefill: bool = True) -> nn.Module:
+    """The layer for a weight; dense_prefill=False saves the int4 layer's copy for dense products (the output
+    layer, which prefill applies to one position per row)."""
+    return Int4Linear(w, device, dense_prefill) if isinstance(w, Int4Weight) else Int8Linear(w, device)
 
 
 class QuantEmbedding(nn.Module):
@@ -207,8 +220,11 @@ class QuantEmbedding(nn.Module):
         self.dtype = dtype
         if isinstance(w, Int4Weight) and w.doubled_input:  # Q8_0: back to its int8 values and one scale per block
             n, k2 = w.q.shape
-            hi, lo = w.q[:, : k2 // 2].to(torch.int16) - 8, w.q[:, k2 // 2 :].to(torch.int16)
-            self.register_buffer("q", (16 * hi + lo).to(torch.int8).to(device))
+            q = torch.empty(n, k2 // 2, dtype=torch.int8)
+            for i in range(0, n, CHUNK_ROWS):
+                rows = w.q[i : i + CHUNK_ROWS]
+                q[i : i + CHUNK_ROWS] = (16 * (rows[:, : k2 // 2].to(torch.int16) - 8) + rows[:, k2 // 2 :]).to(torch.int8)
+            self.register_buffer("q", q.to(device))
             self.register_buffer("scale", w.scale[:, w.scale.shape[1] // 2 :].to(device))
             self.register_buffer("zero", torch.zeros_like(self.scale))
             self.offset = 0

@@ -212,4 +212,5 @@ def read(path: Path) -> Checkpoint:
         quant = str(file_type)
     info = {"name": _field(reader, "general.name"), "quantization": quant,
             "tensor_types": sorted({t.dtype for t in tensors.values()}), "gguf_version": _field(reader, "GGUF.version")}
+    reader.fields.clear()  # everything needed is read: the parsed vocabulary arrays (~150 MB) can go
     return Checkpoint(config, tensors, tokenizer, "gguf", path, info)
