@@ -13,21 +13,18 @@ class KVCache:
     """
 
     def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", static: bool = False) -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         shape = (batch, n_kv_heads, max_len, head_dim)  # [B,K,S,E]
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_len = max_len
-        # static: attend over all max_len slots (masked) so every decode step has the same shapes, as a
-        # compiled step needs; otherwise only over the slots up to the furthest position (less work eager)
-        self.static = static
         self._mask_for: tuple[torch.Tensor, int] | None = None  # (positions, span) of the cached mask
         self._mask: torch.Tensor | None = None
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, batch: int, max_len: int, static: bool = False) -> KVCache:
+    def for_model(cls, model: torch.nn.Module, batch: int, max_len: int) -> KVCache:
         cfg = model.config
-        return cls(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, model.dtype, model.device, static)
+        return cls(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, model.dtype, model.device)
 
     def _attention_mask(self, positions: torch.Tensor, span: int) -> torch.Tensor:
         # computed once per forward (all layers share it): slot s visible to a query at p iff s <= p
@@ -45,8 +42,5 @@ class KVCache:
         # advanced indices on dims 0 and 2 put the [B,T] index dims first: kc[rows,:,pos] is [B,T,K,E]
         kc[rows, :, positions] = k.to(kc.dtype)
         vc[rows, :, positions] = v.to(vc.dtype)
-        if self.static:
-            slots = torch.arange(self.max_len, device=positions.device)
-            return kc, vc, (slots[None, None, :] <= positions[:, :, None])[:, None]
         span = int(positions.max()) + 1
         return kc[:, :, :span], vc[:, :, :span], self._attention_mask(positions, span)

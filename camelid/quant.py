@@ -13,8 +13,11 @@ GGUF blocks map onto Int4Weight without loss of the integers (the scales become 
         and zeros [0 | 8d]; the layer feeds [x, x] so one int4 product gives d * (16 hi + lo) = d * q.
 Other GGUF types (K-quants, Q5_*) are dequantized once and requantized to int4 or int8 (lossy; see `from_float`).
 
-Prefill (many rows at once) is compute-bound, where the int4 kernel is slower than a dense bfloat16 product on
-AMX/AVX-512: layers then dequantize their weight to bfloat16 for the duration of one call (DENSE_ROWS).
+Prefill (many tokens per row) is compute-bound, where the int4 kernel is slower than a dense bfloat16 product on
+AMX/AVX-512: a call with more than one token per row ([B, T>1, D]) dequantizes the weight to bfloat16 for the
+duration of that call. The choice goes by tokens per row, not by total rows, so a row's prefill takes the same
+path alone or batched beside others (the same greedy output either way), and decode ([B, 1, D]) always
+takes the quantized kernel.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DENSE_ROWS = 32  # a call with at least this many rows dequantizes and runs a dense bf16 product (CPU)
 GROUP = 32  # GGUF's block size; also camelid's int4 group when quantizing float weights
 
 
@@ -143,6 +145,11 @@ def concat(weights: list[QuantWeight]) -> QuantWeight:
 
 # --- modules ------------------------------------------------------------------------------------------
 
+def _dense(shape: torch.Size, x: torch.Tensor) -> bool:
+    """Prefill on the CPU: more than one token per row."""
+    return len(shape) == 3 and shape[1] > 1 and x.device.type == "cpu"
+
+
 class Int4Linear(nn.Module):
     """y = x W^T with W kept as packed 4-bit integers and per-group bf16 scale/zero (PyTorch's int4 kernel)."""
 
@@ -151,11 +158,16 @@ class Int4Linear(nn.Module):
         device = torch.device(device)
         self.out_features, self.in_features = w.shape
         self.group, self.doubled_input = w.group, w.doubled_input
+        q, pad = w.q, -w.q.shape[0] % 16  # the kernels want N a multiple of 16: pad with rows of zeros
+        if pad:
+            q = torch.cat([q, torch.zeros(pad, q.shape[1], dtype=q.dtype)])
+            none = torch.zeros(pad, w.scale.shape[1])
+            w = Int4Weight(q, torch.cat([w.scale, none]), torch.cat([w.zero, none]), w.group, w.doubled_input)
         if device.type == "cpu":  # packed a chunk of rows at a time (the int32 input is 4 bytes per weight)
-            packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.q[i : i + CHUNK_ROWS].to(torch.int32), 2)
-                                for i in range(0, w.q.shape[0], CHUNK_ROWS)])
+            packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[i : i + CHUNK_ROWS].to(torch.int32), 2)
+                                for i in range(0, q.shape[0], CHUNK_ROWS)])
         else:  # CUDA: the kernel wants the pairs packed into uint8 first
-            packed = torch.ops.aten._convert_weight_to_int4pack((w.q[:, ::2] << 4 | w.q[:, 1::2]).to(device), 8)
+            packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(device), 8)
         self.register_buffer("packed", packed.to(device))
         self.register_buffer("scale_zero", torch.stack([w.scale.t(), w.zero.t()], -1).to(torch.bfloat16).contiguous().to(device))
         # for dense prefill: the nibbles two to a byte, row-major (half the bytes of the unpacked values)
@@ -175,7 +187,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        if x.shape[0] >= DENSE_ROWS and x.device.type == "cpu" and self.nibbles is not None:
+        if _dense(shape, x) and self.nibbles is not None:
             y = F.linear(x, self.dequantize())
         else:
             if self.doubled_input:
@@ -184,7 +196,9 @@ class Int4Linear(nn.Module):
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scale_zero)
             else:
                 y = torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group, self.scale_zero)
-        return y.view(*shape[:-1], self.out_features)
+            if y.shape[-1] != self.out_features:  # padded rows
+                y = y[:, : self.out_features]
+        return y.reshape(*shape[:-1], self.out_features)
 
 
 class Int8Linear(nn.Module):
@@ -199,7 +213,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        if x.shape[0] >= DENSE_ROWS and x.device.type == "cpu":
+        if _dense(shape, x):
             y = F.linear(x, self.q.to(torch.bfloat16) * self.scale[:, None])
         else:
             y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)

@@ -1,0 +1,154 @@
+"""The fast path: weights kept quantized (camelid/quant.py), built by camelid/loader.py, checked against gguf's own
+dequantizer, the float32 reference path and the fixtures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as G
+from gguf_factory import Spec, byte_level_vocab, write_gguf
+
+from camelid import quant as Q
+from camelid.formats import read
+from camelid.generate import Request, generate
+from camelid.loader import build_model
+
+KINDS = ("Q4_0", "Q4_1", "Q8_0")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gguf_blocks_map_to_int4_without_loss(kind):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4100, 64)).astype(np.float32)  # more rows than one conversion chunk
+    blocks = gguf.quants.quantize(w, G[kind])
+    expected = gguf.quants.dequantize(blocks, G[kind])
+    got = Q.from_gguf(kind, blocks, w.shape).dequantize().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_int4_linear_kernel_and_dense_paths_agree_with_float(kind):
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(96, 128)).astype(np.float32)
+    qw = Q.from_gguf(kind, gguf.quants.quantize(w, G[kind]), w.shape)
+    layer = Q.Int4Linear(qw)
+    x = torch.randn(2, 5, 128)
+    want = x @ qw.dequantize().t()
+    dense = layer(x).float()  # 5 tokens per row: the dense prefill path
+    kernel = torch.cat([layer(x[:, i : i + 1]) for i in range(5)], 1).float()  # one token per row: the int4 kernel
+    scale = want.abs().max()
+    assert (dense - want).abs().max() < 0.02 * scale
+    assert (kernel - want).abs().max() < 0.02 * scale
+    assert (dense - kernel).abs().max() < 0.02 * scale
+
+
+def test_quantizing_float_weights_stays_within_half_a_step():
+    w = torch.randn(64, 96)
+    q4 = Q.int4_from_float(w)
+    step = q4.scale.repeat_interleave(Q.GROUP, 1)
+    assert ((q4.dequantize() - w).abs() <= step / 2 + 1e-6).all()
+    q8 = Q.int8_from_float(w)
+    assert ((q8.dequantize() - w).abs() <= q8.scale[:, None] / 2 + 1e-6).all()
+    layer = Q.Int8Linear(q8)
+    x = torch.randn(3, 1, 96)
+    assert torch.allclose(layer(x).float(), x @ q8.dequantize().t(), atol=0.05 * (x @ w.t()).abs().max())
+
+
+def test_quantized_embedding_rows_equal_the_dequantized_table():
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(50, 64)).astype(np.float32)
+    ids = torch.tensor([[0, 7, 49], [3, 3, 12]])
+    for kind in KINDS:
+        qw = Q.from_gguf(kind, gguf.quants.quantize(w, G[kind]), w.shape)
+        emb = Q.QuantEmbedding(qw, torch.float32)
+        assert torch.allclose(emb(ids), qw.dequantize()[ids], atol=1e-6)
+    q8 = Q.int8_from_float(torch.from_numpy(w))
+    assert torch.allclose(Q.QuantEmbedding(q8, torch.float32)(ids), q8.dequantize()[ids], atol=1e-6)
+
+
+def _tiny(tmp_path, qtype, tied):
+    k_quant = qtype in (G.Q2_K, G.Q3_K, G.Q4_K, G.Q5_K, G.Q6_K)  # blocks of 256
+    spec = Spec(dim=256 if k_quant else 64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256 if k_quant else 128, tied=tied)
+    path = tmp_path / f"tiny-{qtype.name}-{tied}.gguf"
+    write_gguf(path, spec, byte_level_vocab(), qtype)
+    return read(path)
+
+
+@pytest.mark.parametrize("qtype", [G.Q4_0, G.Q4_1, G.Q8_0, G.Q4_K, G.F32])
+@pytest.mark.parametrize("tied", [False, True])
+def test_fast_model_follows_the_reference(tmp_path, qtype, tied):
+    ckpt = _tiny(tmp_path, qtype, tied)
+    ref = build_model(ckpt)
+    fast = build_model(ckpt, quant="auto")
+    kept = {type(m).__name__ for m in fast.modules()}
+    if qtype in (G.Q4_0, G.Q4_1, G.Q8_0, G.Q4_K):
+        assert "Int4Linear" in kept  # nothing expanded to float (Q4_K requantized to int4)
+    tokens = torch.randint(0, ckpt.config.vocab_size, (2, 12))
+    with torch.inference_mode():
+        a, b = ref(tokens), fast(tokens)
+    cos = torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).min()
+    assert cos > (0.97 if qtype == G.Q4_K else 0.995), cos
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantizing_a_float_model_at_load(tmp_path, mode):
+    ckpt = _tiny(tmp_path, G.F32, tied=False)
+    fast = build_model(ckpt, quant=mode)
+    assert {"int8": "Int8Linear", "int4": "Int4Linear"}[mode] in {type(m).__name__ for m in fast.modules()}
+    tokens = torch.randint(0, ckpt.config.vocab_size, (1, 10))
+    with torch.inference_mode():
+        a, b = build_model(ckpt)(tokens), fast(tokens)
+    assert torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).min() > 0.98
+
+
+def test_fast_path_batch_equals_one_at_a_time(tmp_path):
+    model = build_model(_tiny(tmp_path, G.Q4_1, tied=True), quant="auto")
+    prompts = [[5, 9, 14, 3, 8, 22, 40], [7, 1], [30, 31, 32, 33]]
+    reqs = [Request(p, 8) for p in prompts]
+    together = [[] for _ in reqs]
+    for step in generate(model, reqs):
+        for b, t in enumerate(step):
+            if t is not None:
+                together[b].append(t)
+    alone = [[t[0] for t in generate(model, [r])] for r in reqs]
+    assert together == alone
+
+
+@pytest.mark.slow
+def test_default_model_fast_path_against_fixtures(default_model_path, reference):
+    """The Q4_1 file on the fast path: lossy (bf16 activations and scales), so top-1 agreement is measured."""
+    ckpt = read(default_model_path)
+    model = build_model(ckpt, quant="auto")
+    agree = total = 0
+    with torch.inference_mode():
+        for case in reference["logits"]:
+            logits = model(torch.tensor([case["prompt_ids"]]))[0]
+            argmax = logits.argmax(-1).tolist()
+            agree += sum(a == b for a, b in zip(argmax, case["argmax_every_position"]))
+            total += len(argmax)
+            assert logits[-1].argmax().item() == case["last_top10_ids"][0]
+    assert agree / total > 0.95, f"top-1 agreement {agree}/{total}"
+    same = 0
+    for case in reference["greedy"]:
+        got = [t for step in generate(model, [Request(case["prompt_ids"], len(case["new_ids"]))]) for t in step]
+        same += got[:8] == case["new_ids"][:8]
+    assert same >= len(reference["greedy"]) - 1  # the first 8 greedy tokens, all prompts but at most one
+
+
+@pytest.mark.slow
+def test_bench_json_keys(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, Spec(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, context_length=1024),
+               byte_level_vocab(), G.Q4_0)
+    out = subprocess.run([sys.executable, "-m", "camelid", "bench", str(path), "--json", "--repeats", "1", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    for key in ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"):
+        assert result[key] > 0
