@@ -356,7 +356,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
     serve_arguments(p)
-    _add_runtime(p)
     p.set_defaults(func=cmd_serve)
     return parser
 
@@ -380,11 +379,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from .serve import serve
+    from .serve import main as serve_main
 
-    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_concurrency=args.max_concurrency,
-          cors_origins=args.cors_origin, log_level=args.log_level, max_queue=args.max_queue, max_seq_len=args.max_seq_len,
-          max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, model_id=args.model_id, quant=_quant(args))
+    if serve_main(args):
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:

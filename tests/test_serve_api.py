@@ -37,7 +37,7 @@ def server(default_model_path):
     port = free_port()
     cmd = [sys.executable, "-m", "camelid.serve", str(default_model_path), "--port", str(port), "--api-key", KEY,
            "--model-id", MODEL, "--max-concurrency", str(SLOTS), "--max-queue", str(QUEUE), "--max-seq-len", "1024",
-           "--max-body-bytes", "65536", "--log-level", "warning"]
+           "--max-body-bytes", "65536", "--log-level", "warning", "--reference"]  # the fixtures' float32 path
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"

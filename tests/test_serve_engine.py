@@ -71,3 +71,21 @@ def test_queue_bound_and_cancel_frees_slot(engine, llm):
         assert c.done.wait(30) and c.finish.reason == "cancelled"
     assert engine.active == 0 and engine.queued == 0
     assert all(len(c.ids) < 500 for c in held)
+
+
+def test_fast_path_greedy_is_the_same_alone_and_beside_others(default_model_path, reference, llm):
+    """The server's default (quantized weights, bf16): each request's greedy tokens do not depend on its neighbours."""
+    import camelid
+
+    fast = camelid.load(default_model_path)  # quant="auto"
+    eng = Engine(fast.model, fast.tokenizer, max_concurrency=4, max_seq_len=1024, max_queue=4, prefill_chunk=64)
+    eng.start()
+    try:
+        cases = reference["greedy"][:4]
+        prompts = [c["prompt_ids"] for c in cases]
+        together = run(eng, prompts, [16] * len(prompts), fast.tokenizer.stop_ids)
+        for prompt, out in zip(prompts, together):
+            alone = run(eng, [prompt], [16], fast.tokenizer.stop_ids)[0]
+            assert alone.ids == out.ids
+    finally:
+        eng.stop()

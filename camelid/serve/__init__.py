@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="allow cross-origin requests from ORIGIN (repeatable; '*' for any). Off by default")
     parser.add_argument("--model-id", default=None, help="the model's name in the API (default: the store name or file stem)")
     parser.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    parser.add_argument("--quant", choices=("auto", "int8", "int4"), default="auto",
+                        help="weights at run time: auto keeps GGUF Q4_0/Q4_1/Q8_0 quantized (bf16 activations); int8/int4 "
+                             "quantize every linear layer at load (default auto)")
+    parser.add_argument("--reference", action="store_true", help="the float32 reference path (every weight dequantized)")
 
 
 def build_state(model: str | None = None, api_key: str | None = None, max_concurrency: int = 8, max_queue: int | None = None,
@@ -87,7 +91,7 @@ def main(args: argparse.Namespace) -> int:
         serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_concurrency=args.max_concurrency,
               cors_origins=args.cors_origin, log_level=args.log_level, max_queue=args.max_queue,
               max_seq_len=args.max_seq_len, max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes,
-              model_id=args.model_id)
+              model_id=args.model_id, quant=None if args.reference else args.quant)
     except CamelidError as e:
         print(f"camelid: error: {e}", file=sys.stderr)
         return 1
