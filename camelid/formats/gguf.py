@@ -56,11 +56,27 @@ def gguf_name(canonical: str) -> str:
     raise KeyError(canonical)
 
 
-def _open(path: Path):
+def _reader_class():
     from gguf import GGUFReader
 
+    class Reader(GGUFReader):
+        """gguf's reader over a plain ndarray view of its memory map: the same bytes, the same lazy paging, but
+        slicing skips np.memmap's per-view bookkeeping, which made parsing a 49k-token vocabulary take seconds."""
+
+        @property
+        def data(self):
+            return self._data
+
+        @data.setter
+        def data(self, value):
+            self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    return Reader
+
+
+def _open(path: Path):
     try:
-        reader = GGUFReader(path)
+        reader = _reader_class()(path)
     except Exception as e:  # the reader raises many kinds on damaged files
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FormatError(f"{path}: corrupt or truncated GGUF file ({reason})") from None
