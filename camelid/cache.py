@@ -5,6 +5,14 @@ from __future__ import annotations
 import torch
 
 
+def attention_mask(positions: torch.Tensor, span: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [B,1,T,S]: 0 where slot s is visible to the query at position p (s <= p), -inf elsewhere.
+    Additive in the activations' type, so attention uses it as it is (a boolean one is converted in every layer)."""
+    slots = torch.arange(span, device=positions.device)
+    hidden = slots[None, None, :] > positions[:, :, None]
+    return torch.zeros(hidden.shape, dtype=dtype, device=positions.device).masked_fill_(hidden, float("-inf"))[:, None]
+
+
 class KVCache:
     """Keys and values for `batch` rows of up to `max_len` positions.
 
@@ -29,8 +37,7 @@ class KVCache:
     def _attention_mask(self, positions: torch.Tensor, span: int) -> torch.Tensor:
         # computed once per forward (all layers share it): slot s visible to a query at p iff s <= p
         if self._mask_for is None or self._mask_for[0] is not positions or self._mask_for[1] != span:
-            slots = torch.arange(span, device=positions.device)
-            self._mask = (slots[None, None, :] <= positions[:, :, None])[:, None]  # [B,1,T,S]
+            self._mask = attention_mask(positions, span, self.k[0].dtype)
             self._mask_for = (positions, span)
         return self._mask
 

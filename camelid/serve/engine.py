@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..cache import attention_mask
 from ..sampling import GREEDY, SamplingParams, apply_penalties, filter_logits, sample
 from ..tokenizer import Tokenizer
 from .constrained import JsonConstraint
@@ -98,8 +99,7 @@ class SlotCache:
         vc[rows, :, positions] = v.to(vc.dtype)
         span = int(positions.max()) + 1
         if self._mask_key is None or self._mask_key[0] is not positions or self._mask_key[1] != span:
-            slots = torch.arange(span, device=positions.device)
-            self._mask = (slots[None, None, :] <= positions[:, :, None])[:, None]
+            self._mask = attention_mask(positions, span, kc.dtype)
             self._mask_key = (positions, span)
         return kc[:, :, :span], vc[:, :, :span], self._mask
 
