@@ -3,10 +3,6 @@ dequantizer, the float32 reference path and the fixtures."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import gguf
 import numpy as np
 import pytest
@@ -139,16 +135,3 @@ def test_default_model_fast_path_against_fixtures(default_model_path, reference)
         got = [t for step in generate(model, [Request(case["prompt_ids"], len(case["new_ids"]))]) for t in step]
         same += got[:8] == case["new_ids"][:8]
     assert same >= len(reference["greedy"]) - 1  # the first 8 greedy tokens, all prompts but at most one
-
-
-@pytest.mark.slow
-def test_bench_json_keys(tmp_path):
-    path = tmp_path / "tiny.gguf"
-    write_gguf(path, Spec(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, context_length=1024),
-               byte_level_vocab(), G.Q4_0)
-    out = subprocess.run([sys.executable, "-m", "camelid", "bench", str(path), "--json", "--repeats", "1", "--threads", "1"],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
-    for key in ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"):
-        assert result[key] > 0
