@@ -20,26 +20,27 @@ class KVCache:
     stale values beyond a row's length (left by padding) are never seen and are overwritten later.
     """
 
-    def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
-        shape = (batch, n_kv_heads, max_len, head_dim)  # [B,K,S,E]
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.max_len = max_len
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+        self.k, self.v = k, v  # per layer [B,K,S,E]
+        self.max_len = k[0].shape[2]
         self._mask_for: tuple[torch.Tensor, int] | None = None  # (positions, span) of the cached mask
         self._mask: torch.Tensor | None = None
 
     @classmethod
+    def allocate(cls, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> KVCache:
+        shape = (batch, n_kv_heads, max_len, head_dim)  # [B,K,S,E]
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)])
+
+    @classmethod
     def for_model(cls, model: torch.nn.Module, batch: int, max_len: int) -> KVCache:
         cfg = model.config
-        return cls(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, model.dtype, model.device)
+        return cls.allocate(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, model.dtype, model.device)
 
-    def _attention_mask(self, positions: torch.Tensor, span: int) -> torch.Tensor:
-        # computed once per forward (all layers share it): slot s visible to a query at p iff s <= p
-        if self._mask_for is None or self._mask_for[0] is not positions or self._mask_for[1] != span:
-            self._mask = attention_mask(positions, span, self.k[0].dtype)
-            self._mask_for = (positions, span)
-        return self._mask
+    def view(self, start: int, stop: int) -> KVCache:
+        """Rows start..stop-1 as a cache of their own (the same memory)."""
+        return KVCache([t[start:stop] for t in self.k], [t[start:stop] for t in self.v])
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B,T,K,E] at positions [B,T]; return keys, values [B,K,S,E] and mask [B,1,T,S]."""
@@ -50,4 +51,8 @@ class KVCache:
         kc[rows, :, positions] = k.to(kc.dtype)
         vc[rows, :, positions] = v.to(vc.dtype)
         span = int(positions.max()) + 1
-        return kc[:, :, :span], vc[:, :, :span], self._attention_mask(positions, span)
+        # computed once per forward (all layers share it)
+        if self._mask_for is None or self._mask_for[0] is not positions or self._mask_for[1] != span:
+            self._mask = attention_mask(positions, span, kc.dtype)
+            self._mask_for = (positions, span)
+        return kc[:, :, :span], vc[:, :, :span], self._mask

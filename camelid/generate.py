@@ -33,22 +33,20 @@ def check_fits(prompt_len: int, context: int) -> None:
 
 @torch.inference_mode()
 def prefill(model: torch.nn.Module, cache: KVCache, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Run the prompts (rows of different lengths, right-padded) into the cache; logits of each row's last token [B,V]."""
+    """Run each prompt into its row of the cache; logits of each row's last token [B,V].
+
+    Row by row, in chunks of PREFILL_CHUNK: a row's work (and its numbers) is the same alone or in a batch,
+    and no compute goes to padding."""
     device = model.device
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    T = int(lengths.max())
-    tokens = torch.zeros(len(prompts), T, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        tokens[b, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
-    positions = torch.arange(T, device=device).expand(len(prompts), T)
     last = torch.empty(len(prompts), model.config.vocab_size, device=device)
-    for start in range(0, T, PREFILL_CHUNK):
-        end = min(start + PREFILL_CHUNK, T)
-        # each row's last real token, if it falls in this chunk
-        in_chunk = (lengths - 1 >= start) & (lengths - 1 < end)
-        at = (lengths - 1 - start).clamp(0, end - start - 1)
-        logits = model(tokens[:, start:end], positions[:, start:end], cache, logits_at=at)[:, 0]
-        last[in_chunk] = logits[in_chunk]
+    for b, prompt in enumerate(prompts):
+        row = cache.view(b, b + 1)
+        tokens = torch.as_tensor(list(prompt), dtype=torch.long, device=device)[None]
+        for start in range(0, tokens.shape[1], PREFILL_CHUNK):
+            chunk = tokens[:, start : start + PREFILL_CHUNK]
+            positions = torch.arange(start, start + chunk.shape[1], device=device)[None]
+            logits = model(chunk, positions, row, logits_at=torch.tensor([chunk.shape[1] - 1], device=device))
+        last[b] = logits[0, 0]
     return last
 
 

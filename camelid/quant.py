@@ -13,11 +13,11 @@ GGUF blocks map onto Int4Weight without loss of the integers (the scales become 
         and zeros [0 | 8d]; the layer feeds [x, x] so one int4 product gives d * (16 hi + lo) = d * q.
 Other GGUF types (K-quants, Q5_*) are dequantized once and requantized to int4 or int8 (lossy; see `from_float`).
 
-Prefill (many tokens per row) is compute-bound, where the int4 kernel is slower than a dense bfloat16 product on
-AMX/AVX-512: a call with more than one token per row ([B, T>1, D]) dequantizes the weight to bfloat16 for the
-duration of that call. The choice goes by tokens per row, not by total rows, so a row's prefill takes the same
-path alone or batched beside others (the same greedy output either way), and decode ([B, 1, D]) always
-takes the quantized kernel.
+Long prefills (many tokens per row) are compute-bound, where the int4 kernel is slower than a dense bfloat16
+product on AMX/AVX-512: a call with at least DENSE_MIN_TOKENS tokens per row dequantizes the weight to bfloat16
+for the duration of that call (the dequantization costs about as much as the kernel on ~100 tokens, so shorter
+prompts and decode take the kernel). The choice goes by tokens per row, not by total rows, and generate.prefill
+runs each row on its own, so a row takes the same path alone or batched beside others (the same greedy output).
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
+DENSE_MIN_TOKENS = 128  # tokens per row from which a CPU call dequantizes and runs a dense bf16 product
 CHUNK_ROWS = 4096  # rows converted at a time: bounds the temporaries (a multiple of the CPU packing's 64-row blocks)
 
 
@@ -146,8 +147,8 @@ def concat(weights: list[QuantWeight]) -> QuantWeight:
 # --- modules ------------------------------------------------------------------------------------------
 
 def _dense(shape: torch.Size, x: torch.Tensor) -> bool:
-    """Prefill on the CPU: more than one token per row."""
-    return len(shape) == 3 and shape[1] > 1 and x.device.type == "cpu"
+    """A long prefill on the CPU: at least DENSE_MIN_TOKENS tokens per row."""
+    return len(shape) == 3 and shape[1] >= DENSE_MIN_TOKENS and x.device.type == "cpu"
 
 
 class Int4Linear(nn.Module):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache import attention_mask
+from ..cache import KVCache
 from ..sampling import GREEDY, SamplingParams, apply_penalties, filter_logits, sample
 from ..tokenizer import Tokenizer
 from .constrained import JsonConstraint
@@ -68,42 +68,6 @@ class Sequence_:
     generator: torch.Generator | None = None
 
 
-class SlotCache:
-    """KV storage for `rows` slots of `max_len` positions, with the same `update` contract as camelid.cache.KVCache.
-
-    `view(a, b)` is a cache over rows a..b-1 sharing the storage, so a forward can run on a few rows.
-    """
-
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
-        self.k, self.v = k, v
-        self.max_len = k[0].shape[2]
-        self._mask_key: tuple | None = None
-        self._mask: torch.Tensor | None = None
-
-    @classmethod
-    def for_model(cls, model: torch.nn.Module, rows: int, max_len: int) -> SlotCache:
-        cfg = model.config
-        shape = (rows, cfg.n_kv_heads, max_len, cfg.head_dim)  # [B,K,S,E]
-        k = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(cfg.n_layers)]
-        v = [torch.zeros(shape, dtype=model.dtype, device=model.device) for _ in range(cfg.n_layers)]
-        return cls(k, v)
-
-    def view(self, start: int, stop: int) -> SlotCache:
-        return SlotCache([t[start:stop] for t in self.k], [t[start:stop] for t in self.v])
-
-    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [B,T,K,E] at positions [B,T]; return keys, values [B,K,S,E] and mask [B,1,T,S]."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        kc, vc = self.k[layer], self.v[layer]
-        kc[rows, :, positions] = k.to(kc.dtype)
-        vc[rows, :, positions] = v.to(vc.dtype)
-        span = int(positions.max()) + 1
-        if self._mask_key is None or self._mask_key[0] is not positions or self._mask_key[1] != span:
-            self._mask = attention_mask(positions, span, kc.dtype)
-            self._mask_key = (positions, span)
-        return kc[:, :, :span], vc[:, :, :span], self._mask
-
-
 class Engine:
     """The continuous-batching scheduler over one model. Thread-safe submit / cancel."""
 
@@ -115,7 +79,7 @@ class Engine:
         self.max_queue = max_queue if max_queue is not None else 4 * max_concurrency
         self.prefill_chunk = prefill_chunk
         self.device = model.device
-        self.cache = SlotCache.for_model(model, max_concurrency, self.max_seq_len)
+        self.cache = KVCache.for_model(model, max_concurrency, self.max_seq_len)
         self.rows: list[Sequence_ | None] = [None] * max_concurrency
         self.waiting: deque[Sequence_] = deque()
         self.cond = threading.Condition()
