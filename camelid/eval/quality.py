@@ -76,3 +76,18 @@ def compare(source: torch.nn.Module, quantized: torch.nn.Module, ids: Sequence[i
             progress(len(targets))
     return QualityResult(math.exp(nll_p / scored), math.exp(nll_q / scored), kl_sum / scored, kl_max,
                          agree / scored, len(ids), scored, windows)
+
+
+def compare_checkpoints(source, quantized, text: str = DEFAULT_TEXT, window: int | None = None,
+                        progress: Callable[[int], None] | None = None) -> tuple[QualityResult, bool]:
+    """Build both checkpoints on the float32 reference path and compare them on `text` (tokenized by the
+    source's tokenizer, BOS as the model uses it); also whether the quantized tokenizer gives the same ids."""
+    from ..loader import build_model
+
+    ids = source.tokenizer.encode(text, special=False, bos=True)
+    if len(ids) < 2:
+        raise ValueError("the text needs at least two tokens")
+    same_tokens = quantized.tokenizer.encode(text, special=False, bos=True) == ids
+    a = build_model(source)
+    b = build_model(quantized)
+    return compare(a, b, ids, window, progress), same_tokens

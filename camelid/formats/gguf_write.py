@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,10 +102,10 @@ def _encode(ckpt: Checkpoint, name: str, qtype) -> np.ndarray:
 
 
 def write_gguf(ckpt: Checkpoint, out: str | os.PathLike, kind: str,
-               progress: Callable[[str, int, int], None] | None = None) -> dict:
+               progress: Callable[[str, int, int], None] | None = None, overwrite: bool = False) -> dict:
     """Write `ckpt` to `out` as a llama GGUF of type `kind` (f16, q8_0, q4_0, q4_1); a summary dict.
 
-    progress(name, done, total) is called after each tensor.
+    progress(name, done, total) is called after each tensor; overwrite=True replaces an existing `out`.
     """
     import gguf
 
@@ -155,6 +156,8 @@ def write_gguf(ckpt: Checkpoint, out: str | os.PathLike, kind: str,
             if progress:
                 progress(name, i + 1, len(plan))
         w.close()
+        if out.is_dir() and overwrite:
+            shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         w.close()

@@ -116,8 +116,8 @@ def _float_dtype(ckpt: Checkpoint) -> torch.dtype:
 
 
 def write_quantized_folder(ckpt: Checkpoint, out: str | os.PathLike, kind: str,
-                           progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Write `ckpt` as a camelid int8/int4 folder at `out` (created; it must not exist); a summary dict."""
+                           progress: Callable[[str, int, int], None] | None = None, overwrite: bool = False) -> dict:
+    """Write `ckpt` as a camelid int8/int4 folder at `out`; a summary dict. overwrite=True replaces an existing `out`."""
     from safetensors.torch import save_file
 
     if kind not in TYPES:
@@ -147,6 +147,10 @@ def write_quantized_folder(ckpt: Checkpoint, out: str | os.PathLike, kind: str,
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(_config_json(ckpt, bits, float_dtype), indent=1), encoding="utf-8")
         _tokenizer_files(ckpt, tmp)
+        if overwrite and out.is_dir():
+            shutil.rmtree(out)
+        elif overwrite and out.exists():
+            out.unlink()
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
