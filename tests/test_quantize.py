@@ -368,3 +368,77 @@ def test_default_model_to_q8_0_in_llama_cpp(tmp_path, default_model_path):
         for _ in range(8):
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
     assert ckpt.tokenizer.decode(seq[len(ids):]) == greedy
+
+
+# --- from Meta folders (SentencePiece and tiktoken vocabularies) -------------------------------------
+
+
+def test_sentencepiece_meta_folder_to_gguf(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    from test_formats_hf import PROBE, TEXT
+    from test_formats_meta import HIDDEN, PARAMS, llama_config, meta_state, random_model, split, train_sentencepiece, write_meta
+
+    sp_model = train_sentencepiece(tmp_path)
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    model = random_model(llama_config(sp.get_piece_size(), intermediate_size=HIDDEN), seed=5)
+    folder = write_meta(tmp_path / "meta", split(meta_state(model), 1, vocab_parallel=False), {**PARAMS, "vocab_size": -1}, sp_model)
+    out = tmp_path / "spm.gguf"
+    write(read(folder), out, "f16")
+    assert gguf.GGUFReader(out).fields["tokenizer.ggml.model"].contents() == "llama"
+    llm = _llama_cpp(out)
+    for text in [PROBE, *TEXT]:
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == [1, *sp.encode(text)], text
+    ids = [1, *sp.encode(TEXT[0])]
+    theirs, ref = _llama_cpp_logits(llm, ids), logits(folder, ids).numpy()
+    assert np.abs(theirs - ref).max() < 0.02 * np.abs(ref).max()
+
+
+def test_llama3_tiktoken_meta_folder_to_gguf(tmp_path):
+    """tiktoken vocabulary + Llama 3.1 RoPE scaling: llama.cpp reads the pre-tokenizer name and rope_freqs."""
+    from test_formats_hf import PROBE, TEXT
+    from test_formats_meta import (
+        HIDDEN,
+        PARAMS,
+        llama_config,
+        meta_state,
+        random_model,
+        split,
+        tiktoken_ranks,
+        train_bpe,
+        write_meta,
+        write_tiktoken,
+    )
+
+    ranks = tiktoken_ranks(train_bpe())
+    vocab = len(ranks) + 256
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    model = random_model(llama_config(vocab, intermediate_size=HIDDEN, rope_theta=500000.0, rope_scaling=scaling), seed=3)
+    params = {**PARAMS, "vocab_size": vocab, "rope_theta": 500000.0, "use_scaled_rope": True}
+    folder = write_meta(tmp_path / "meta", split(meta_state(model), 1, vocab_parallel=True), params,
+                        write_tiktoken(ranks, tmp_path / "tokenizer.model"))
+    src = read(folder)
+    assert src.config.rope_scaling is not None
+    out = tmp_path / "l3.gguf"
+    write(src, out, "f16")
+    r = gguf.GGUFReader(out)
+    assert r.fields["tokenizer.ggml.pre"].contents() == "llama-bpe"
+    assert "rope_freqs.weight" in {t.name for t in r.tensors}
+    llm = _llama_cpp(out)
+    for text in [PROBE, *TEXT]:
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == src.tokenizer.encode(text, bos=True), text
+    ids = src.tokenizer.encode(" ".join(TEXT[:3]), bos=True)[:60]
+    theirs, ref = _llama_cpp_logits(llm, ids), logits(src, ids).numpy()
+    # 0.16% measured; without rope_freqs llama.cpp is 1.3% off the source: the scaling must be what it applies
+    assert np.abs(theirs - ref).max() < 0.005 * np.abs(ref).max()
+    assert read(out).config.rope_scaling == src.config.rope_scaling
+
+
+def test_sentencepiece_without_model_file_is_refused(tmp_path, hf_folder):
+    from camelid.errors import UnsupportedModelError
+
+    ckpt = read(hf_folder)
+    ckpt.tokenizer.kind = "spm"  # as if its tokenizer.json held a converted SentencePiece vocabulary
+    with pytest.raises(UnsupportedModelError, match="only tokenizer.json"):
+        write(ckpt, tmp_path / "x.gguf", "q8_0")
+    assert not (tmp_path / "x.gguf").exists()
