@@ -64,7 +64,6 @@ def test_gguf_round_trip_within_quantization(tmp_path, tiny_gguf, kind):
     assert summary["type"] == kind.upper()
     back = read(out)
     assert back.config == read(src).config
-    qtype = GQ[kind.upper()]
     for name, w in weights.items():
         got = back.tensors[name].load().numpy()
         if w.ndim == 1:  # norms stay F32, exactly
@@ -72,7 +71,8 @@ def test_gguf_round_trip_within_quantization(tmp_path, tiny_gguf, kind):
             np.testing.assert_array_equal(got, w)
         else:  # gguf-py's own round trip of the HF-layout weights: quantization is per row, so the Q/K
             # row permutation there and back must leave exactly this
-            assert back.tensors[name].dtype == kind.upper()
+            qtype = GQ.Q8_0 if name == "output.weight" else GQ[kind.upper()]  # 4-bit files keep the output at Q8_0
+            assert back.tensors[name].dtype == qtype.name
             expected = gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype)
             np.testing.assert_array_equal(got, expected)
             assert np.abs(got - w).max() < 0.2 * np.abs(w).max()
@@ -107,6 +107,17 @@ def test_odd_rows_stay_f16_and_tied_written_once(tmp_path):
     assert types["token_embd.weight"] == "F16" and types["blk.0.ffn_down.weight"] == "Q8_0"  # K = 96
     assert types["blk.0.ffn_up.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"
     assert read(out).config.tie_embeddings
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_4bit_files_keep_the_output_layer_at_q8_0(tmp_path, tied):
+    src = tmp_path / "src.gguf"
+    write_gguf(src, Spec(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=128, tied=tied), vocab_with_merges())
+    write(read(src), tmp_path / "q4.gguf", "q4_1")
+    types = gguf_types(tmp_path / "q4.gguf")
+    assert types["token_embd.weight"] == ("Q8_0" if tied else "Q4_1")
+    assert types.get("output.weight") == (None if tied else "Q8_0")
+    assert types["blk.0.attn_q.weight"] == "Q4_1"
 
 
 def test_rope_scaling_written_as_llama_cpp_factors(tmp_path, tiny_gguf):

@@ -3,7 +3,8 @@
 Written the way llama.cpp's convert_hf_to_gguf.py writes a Llama: `llama.*` metadata from the ModelConfig,
 GGUF tensor names, Q/K rows back in the interleaved order, norms in F32, a tied embedding stored once,
 Llama 3.1 RoPE scaling as the `rope_freqs.weight` factors tensor. 2-D tensors whose rows are not a whole
-number of blocks stay F16 (as llama.cpp's quantizer leaves them unquantized).
+number of blocks stay F16 (as llama.cpp's quantizer leaves them unquantized); for 4-bit types the output
+layer (the embedding when tied) is Q8_0, as llama.cpp keeps it at higher precision.
 
 The vocabulary: from a GGUF source every `tokenizer.*` field is copied verbatim; otherwise it is derived
 from the source folder's tokenizer (byte-level BPE: tokens, types, merges and the pre-tokenizer's name;
@@ -69,6 +70,7 @@ def _plan(ckpt: Checkpoint, kind: str) -> list[tuple[str, str, tuple[int, ...], 
             return (1, int(name.split(".")[1]), name)
         return (0 if name == "tok_embeddings.weight" else 2, 0, name)
 
+    output = "tok_embeddings.weight" if ckpt.config.tie_embeddings else "output.weight"
     plan = []
     for name in sorted(ckpt.tensors, key=key):
         shape = tuple(ckpt.tensors[name].shape)
@@ -76,6 +78,8 @@ def _plan(ckpt: Checkpoint, kind: str) -> list[tuple[str, str, tuple[int, ...], 
             qtype = Q.F32
         elif shape[-1] % block:
             qtype = Q.F16
+        elif name == output and target in (Q.Q4_0, Q.Q4_1):
+            qtype = Q.Q8_0  # llama.cpp keeps the output layer at 6+ bits (Q6_K); Q8_0 is the nearest gguf-py writes
         else:
             qtype = target
         plan.append((name, gguf_name(name), shape, qtype))
