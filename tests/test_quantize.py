@@ -78,6 +78,20 @@ def test_gguf_round_trip_within_quantization(tmp_path, tiny_gguf, kind):
             assert np.abs(got - w).max() < 0.2 * np.abs(w).max()
 
 
+def test_same_type_requantization_is_lossless(tmp_path):
+    """Q4_1 and Q8_0 values requantized to their own type come back unchanged (min/max and absmax land on the
+    same grid): a check of the whole dequantize -> permute -> quantize -> read path that needs no tolerance."""
+    for qt in (GQ.Q4_1, GQ.Q8_0):
+        src = tmp_path / f"{qt.name}.gguf"
+        write_gguf(src, SPEC, vocab_with_merges(), qt)
+        out = tmp_path / f"{qt.name}-again.gguf"
+        write(read(src), out, qt.name.lower())
+        a, b = read(src), read(out)
+        for name, t in a.tensors.items():
+            if name != "output.weight":  # (4-bit files keep it at Q8_0)
+                torch.testing.assert_close(b.tensors[name].load(), t.load(), rtol=0, atol=1e-6 * t.load().abs().max().item())
+
+
 def test_gguf_f16_exact_and_metadata(tmp_path, tiny_gguf):
     src, weights = tiny_gguf
     out = tmp_path / "tiny-f16.gguf"

@@ -10,10 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .perplexity import scored_logits
+
+if TYPE_CHECKING:
+    from ..formats import Checkpoint
 
 # A few hundred tokens of plain English prose, written for camelid (not from any fixture or corpus).
 DEFAULT_TEXT = """\
@@ -78,7 +82,7 @@ def compare(source: torch.nn.Module, quantized: torch.nn.Module, ids: Sequence[i
                          agree / scored, len(ids), scored, windows)
 
 
-def compare_checkpoints(source, quantized, text: str = DEFAULT_TEXT, window: int | None = None,
+def compare_checkpoints(source: Checkpoint, quantized: Checkpoint, text: str = DEFAULT_TEXT, window: int | None = None,
                         progress: Callable[[int], None] | None = None) -> tuple[QualityResult, bool]:
     """Build both checkpoints on the float32 reference path and compare them on `text` (tokenized by the
     source's tokenizer, BOS as the model uses it); also whether the quantized tokenizer gives the same ids."""
