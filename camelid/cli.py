@@ -231,8 +231,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if out.resolve() == Path(source).resolve():
         raise CamelidError(f"--out {out} is the source model itself")
     ckpt = read(source)
+    if not out.parent.is_dir():
+        raise CamelidError(f"--out {out}: no such folder {out.parent}")
     bar = Progress(len(ckpt.tensors), f"writing {args.to}", unit="tensors")
-    summary = write(ckpt, out, args.to, overwrite=args.force, progress=lambda *_: bar.update(1))
+    try:
+        summary = write(ckpt, out, args.to, overwrite=args.force, progress=lambda *_: bar.update(1))
+    except OSError as e:
+        raise CamelidError(f"cannot write {out}: {e.strerror or e}") from None
     bar.close()
     result = {"source": str(source), **summary}
     if not args.no_eval:

@@ -367,6 +367,8 @@ def test_cli_errors(tmp_path, tiny_gguf, capsys):
     assert not (tmp_path / "y.gguf").exists()
     assert main(["quantize", str(src), "--to", "q8_0", "--out", str(src), "--force"]) == 1
     assert "source model itself" in capsys.readouterr().err
+    assert main(["quantize", str(src), "--to", "int8", "--out", str(tmp_path / "no" / "such"), "--no-eval"]) == 1
+    assert "no such folder" in capsys.readouterr().err
 
 
 # --- the real default model ---------------------------------------------------------------------------
