@@ -188,9 +188,11 @@ def gguf_vocab(ckpt: Checkpoint) -> Fields:
 
 
 def _copied_vocab(path: Path) -> Fields:
-    from gguf import GGUFReader, GGUFValueType
+    from gguf import GGUFValueType
 
-    reader = GGUFReader(path)
+    from .gguf import _open
+
+    reader = _open(path)
     fields: Fields = {}
     for key, f in reader.fields.items():
         if key.startswith("tokenizer."):
