@@ -20,7 +20,8 @@ from camelid.cli import main
 from camelid.config import RopeScaling
 from camelid.eval.quality import compare, compare_checkpoints
 from camelid.formats import read, write
-from camelid.formats.hf_write import pack_int4, unpack_int4
+from camelid.formats.hf import unpack_int4
+from camelid.formats.hf_write import pack_int4
 from camelid.loader import build_model
 
 SPEC = Spec(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, context_length=128)
@@ -280,6 +281,20 @@ def test_pack_int4_nibbles():
     packed = pack_int4(q)
     assert packed.tolist() == [[0x21, 0x0F]]
     assert torch.equal(unpack_int4(packed), q)
+
+
+def test_quantized_folder_missing_scales(tmp_path, hf_folder):
+    from safetensors.torch import load_file, save_file
+
+    from camelid.errors import FormatError
+
+    out = tmp_path / "i8"
+    write(read(hf_folder), out, "int8")
+    state = load_file(out / "model.safetensors")
+    del state["model.layers.1.self_attn.o_proj.scales"]
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(FormatError, match="o_proj has no scales"):
+        read(out)
 
 
 def test_other_quantization_methods_refused(tmp_path, hf_folder):

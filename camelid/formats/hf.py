@@ -132,10 +132,14 @@ def _loader(handle, name: str):
     return lambda: handle.get_tensor(name)
 
 
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> values 0..15 [N, K]: element 2j is the low nibble of byte j, element 2j+1 the high one."""
+    n, half = packed.shape
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(n, 2 * half)
+
+
 def _quant_parts(handles: dict, base: str) -> dict:
     """{"q": unpacked integers [N, K], "scale", "zero" (or None), "group", "bits"} of one quantized linear."""
-    from .hf_write import unpack_int4
-
     packed = handles[base + ".qweight"].get_tensor(base + ".qweight")
     scale = handles[base + ".scales"].get_tensor(base + ".scales").float()
     zero = handles[base + ".zeros"].get_tensor(base + ".zeros").float() if base + ".zeros" in handles else None

@@ -6,7 +6,7 @@ in which each linear layer's `X.weight` is replaced by:
   int8: X.qweight int8 [N, K], X.scales float32 [N, 1]            w = q * scale  (symmetric, per output row)
   int4: X.qweight uint8 [N, K/2], X.scales, X.zeros float32 [N, K/G]
         w = (q - 8) * scale + zero, q in 0..15, groups of G along K; element 2j in the low nibble of byte j,
-        element 2j+1 in the high nibble
+        element 2j+1 in the high nibble (hf.unpack_int4 is the inverse)
 
 and config.json carries `"quantization_config": {"quant_method": "camelid", "bits": 8 | 4, "group_size": G}`
 (-1 for int8: one group per row, G = K). Embedding and norms stay float in the source's precision (float32 for a quantized source);
@@ -42,12 +42,6 @@ def hf_name(canonical: str) -> str:
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K] of values 0..15 -> uint8 [N, K/2]: element 2j low nibble, 2j+1 high nibble."""
     return q[:, 0::2] | (q[:, 1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of pack_int4."""
-    n, half = packed.shape
-    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(n, 2 * half)
 
 
 def quantize_linear(w: torch.Tensor, bits: int) -> dict[str, torch.Tensor] | None:
