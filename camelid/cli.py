@@ -210,6 +210,58 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
         print(f"perplexity {r.perplexity:.4f}  tokens {r.tokens}  (scored {r.scored}, windows {r.windows}, mean NLL {r.nll:.4f} nats)")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    """Write MODEL quantized to --to at --out, then (unless --no-eval) its quality against the source."""
+    from .formats import WRITE_TYPES, read, write
+    from .progress import Progress
+    from .store import resolve
+
+    if args.to not in WRITE_TYPES:
+        raise CamelidError(f"--to must be one of {', '.join(WRITE_TYPES)}, got {args.to!r}")
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise CamelidError(f"{out} exists (use --force to replace it)")
+    text = None
+    if not args.no_eval and args.text:
+        try:
+            text = Path(args.text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CamelidError(f"cannot read {args.text} as UTF-8 text: {e}") from None
+    source = resolve(args.model)
+    if out.resolve() == Path(source).resolve():
+        raise CamelidError(f"--out {out} is the source model itself")
+    ckpt = read(source)
+    if not out.parent.is_dir():
+        raise CamelidError(f"--out {out}: no such folder {out.parent}")
+    bar = Progress(len(ckpt.tensors), f"writing {args.to}", unit="tensors")
+    try:
+        summary = write(ckpt, out, args.to, overwrite=args.force, progress=lambda *_: bar.update(1))
+    except OSError as e:
+        raise CamelidError(f"cannot write {out}: {e.strerror or e}") from None
+    bar.close()
+    result = {"source": str(source), **summary}
+    if not args.no_eval:
+        from .eval.quality import DEFAULT_TEXT, compare_checkpoints
+
+        try:
+            quality, same = compare_checkpoints(ckpt, read(out), text or DEFAULT_TEXT, args.context)
+        except ValueError as e:
+            raise CamelidError(str(e)) from None
+        result.update(quality=quality.to_dict(), same_tokenization=same, text=args.text or "built-in paragraph")
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"wrote {summary['path']} ({summary['type']}, {summary['bytes'] / 1e6:.1f} MB)")
+    if not args.no_eval:
+        q = result["quality"]
+        print(f"perplexity  source {q['source_perplexity']:.4f}  quantized {q['quantized_perplexity']:.4f}  "
+              f"({q['scored']} tokens, {result['text']})")
+        print(f"KL(source || quantized)  mean {q['kl_mean']:.5f}  max {q['kl_max']:.4f} nats/token;  "
+              f"top-1 agreement {100 * q['top1_agreement']:.1f}%")
+        if not same:
+            print("camelid: warning: the written tokenizer encodes the text differently from the source's", file=sys.stderr)
+
+
 def _info_rows(ckpt) -> list[tuple[str, str]]:
     from .chat import template_for
 
@@ -335,6 +387,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_runtime(p, fast=False)  # perplexity is a measurement: the reference path unless asked
     p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("quantize", help="write a quantized copy (GGUF or camelid int8/int4 folder) and report its quality")
+    p.add_argument("model", nargs="?", default=None, help=model_help)
+    p.add_argument("--to", required=True, metavar="TYPE", help="q8_0, q4_0, q4_1, f16 (GGUF file) or int8, int4 (folder)")
+    p.add_argument("--out", required=True, metavar="PATH", help="the file or folder to write")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--text", metavar="FILE", help="text to measure quality on (default: a built-in English paragraph)")
+    p.add_argument("--context", type=int, default=None, metavar="N", help="evaluation window (default: the context length)")
+    p.add_argument("--no-eval", action="store_true", help="write only; skip the quality comparison")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("info", help="architecture, sizes, quantization, context, template")
     p.add_argument("model", nargs="?", default=None, help=model_help + ", or a preset name such as llama-3.1-8b")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,13 +22,12 @@ class PerplexityResult:
     windows: int
 
 
-@torch.inference_mode()
-def perplexity(model: torch.nn.Module, ids: Sequence[int], window: int | None = None,
-               progress: Callable[[int], None] | None = None) -> PerplexityResult:
-    """exp(mean NLL) over every token after the first.
+def scored_logits(model: torch.nn.Module, ids: Sequence[int], window: int | None = None
+                  ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(window index, logits [c,V], target ids [c]) for every token after the first, each scored once, in order.
 
     A sequence longer than `window` (default: the context length) is cut into windows that overlap by
-    half, so every scored token sees at least half a window of context; each token is scored once.
+    half, so every scored token sees at least half a window of context. Run under inference_mode.
     """
     window = min(window or model.config.max_seq_len, model.config.max_seq_len)
     if len(ids) < 2:
@@ -39,7 +38,7 @@ def perplexity(model: torch.nn.Module, ids: Sequence[int], window: int | None = 
     tokens = torch.as_tensor(list(ids), dtype=torch.long, device=device)
     n = len(tokens)
     stride = window // 2 if n > window else window
-    total_nll, scored, windows = 0.0, 0, 0
+    windows = 0
     next_unscored = 1  # index of the first token not yet scored
     start = 0
     while next_unscored < n:
@@ -53,15 +52,24 @@ def perplexity(model: torch.nn.Module, ids: Sequence[int], window: int | None = 
             # logits at window index i predict token i+1; score only tokens not scored yet
             targets = torch.arange(c0 + 1, c1 + 1, device=device)
             keep = (targets < len(seq)) & (targets + start >= next_unscored)
-            new = int(keep.sum())
-            if new:
-                logp = torch.log_softmax(logits[keep].float(), dim=-1)
-                total_nll -= logp.gather(1, seq[targets[keep]][:, None]).sum().item()
-                scored += new
-                if progress:
-                    progress(new)
+            if int(keep.sum()):
+                yield windows, logits[keep], seq[targets[keep]]
         windows += 1
         next_unscored = end
         start += stride
+
+
+@torch.inference_mode()
+def perplexity(model: torch.nn.Module, ids: Sequence[int], window: int | None = None,
+               progress: Callable[[int], None] | None = None) -> PerplexityResult:
+    """exp(mean NLL) over every token after the first, in windows as `scored_logits` cuts them."""
+    total_nll, scored, windows = 0.0, 0, 0
+    for w, logits, targets in scored_logits(model, ids, window):
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        total_nll -= logp.gather(1, targets[:, None]).sum().item()
+        scored += len(targets)
+        windows = w + 1
+        if progress:
+            progress(len(targets))
     nll = total_nll / scored
-    return PerplexityResult(math.exp(nll), nll, n, scored, windows)
+    return PerplexityResult(math.exp(nll), nll, len(ids), scored, windows)

@@ -96,3 +96,23 @@ def read(path: str | os.PathLike) -> Checkpoint:
     ckpt = reader.read(p)
     ckpt.info["format_reason"] = reason
     return ckpt
+
+
+WRITE_TYPES = ("q8_0", "q4_0", "q4_1", "f16", "int8", "int4")
+
+
+def write(ckpt: Checkpoint, out: str | os.PathLike, to: str, overwrite: bool = False,
+          progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Write `ckpt` quantized to `to`: a GGUF file (q8_0, q4_0, q4_1, f16) or a camelid int8/int4 Hugging Face
+    folder; a summary dict. The output appears only when complete; an existing `out` needs overwrite=True."""
+    if to not in WRITE_TYPES:
+        raise ValueError(f"unknown output type {to!r} (expected one of {', '.join(WRITE_TYPES)})")
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} exists")
+    if to in ("int8", "int4"):
+        from .hf_write import write_quantized_folder
+
+        return write_quantized_folder(ckpt, out, to, progress, overwrite)
+    from .gguf_write import write_gguf
+
+    return write_gguf(ckpt, out, to, progress, overwrite)

@@ -3,12 +3,18 @@
 HF Llama checkpoints already order Q/K rows for rotate-half RoPE, camelid's canonical layout, so no
 tensor is permuted here. Both config.json styles are read: the classic `rope_theta` + `rope_scaling`
 keys and the newer `rope_parameters`.
+
+camelid's own quantized folders (`quantization_config.quant_method == "camelid"`, written by hf_write.py)
+store linears as `X.qweight` + `X.scales` (+ `X.zeros` for 4 bits); each becomes one LazyTensor `X.weight`
+of dtype "int8"/"int4" whose load() dequantizes and whose raw() gives the integers.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+
+import torch
 
 from ..config import ModelConfig, RopeScaling
 from ..errors import FormatError, UnsupportedModelError
@@ -33,6 +39,8 @@ NAMES = {
 }
 _PATTERNS = [(re.compile("^" + re.escape(h).replace(r"\{i\}", r"(\d+)") + "$"), c) for h, c in NAMES.items()]
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer some older checkpoints saved
+QUANT_METHOD = "camelid"
+QUANT_PARTS = (".qweight", ".scales", ".zeros")
 
 
 def canonical_name(hf_name: str) -> str | None:
@@ -124,29 +132,101 @@ def _loader(handle, name: str):
     return lambda: handle.get_tensor(name)
 
 
-def read_tensors(folder: Path, tie_embeddings: bool) -> dict[str, LazyTensor]:
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> values 0..15 [N, K]: element 2j is the low nibble of byte j, element 2j+1 the high one."""
+    n, half = packed.shape
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(n, 2 * half)
+
+
+def _quant_parts(handles: dict, base: str) -> dict:
+    """{"q": unpacked integers [N, K], "scale", "zero" (or None), "group", "bits"} of one quantized linear."""
+    packed = handles[base + ".qweight"].get_tensor(base + ".qweight")
+    scale = handles[base + ".scales"].get_tensor(base + ".scales").float()
+    zero = handles[base + ".zeros"].get_tensor(base + ".zeros").float() if base + ".zeros" in handles else None
+    bits = 8 if packed.dtype == torch.int8 else 4
+    q = packed if bits == 8 else unpack_int4(packed)
+    return {"q": q, "scale": scale, "zero": zero, "group": q.shape[1] // scale.shape[1], "bits": bits}
+
+
+def _dequantize(parts: dict) -> torch.Tensor:
+    q, scale, group = parts["q"], parts["scale"], parts["group"]
+    n, k = q.shape
+    g = q.reshape(n, k // group, group).float()
+    if parts["bits"] == 8:
+        return (g * scale[..., None]).reshape(n, k)
+    return ((g - 8) * scale[..., None] + parts["zero"][..., None]).reshape(n, k)
+
+
+def _quant_tensor(handles: dict, base: str, where: Path) -> LazyTensor:
+    for part in (".qweight", ".scales"):
+        if base + part not in handles:
+            raise FormatError(f"{where}: quantized tensor {base} has no {part[1:]}")
+    q = handles[base + ".qweight"].get_slice(base + ".qweight")
+    s = handles[base + ".scales"].get_slice(base + ".scales")
+    (n, kq), (ns, groups) = q.get_shape(), s.get_shape()
+    bits = 8 if q.get_dtype() == "I8" else 4 if q.get_dtype() == "U8" else None
+    k = kq if bits == 8 else 2 * kq
+    if bits is None or ns != n or not groups or k % groups or (bits == 4 and base + ".zeros" not in handles):
+        raise FormatError(f"{where}: quantized tensor {base} is inconsistent (qweight {q.get_dtype()} {[n, kq]}, "
+                          f"scales {[ns, groups]})")
+    kind = f"int{bits}"
+
+    def raw():
+        parts = _quant_parts(handles, base)
+        return kind, {k_: parts[k_] for k_ in ("q", "scale", "zero", "group")}
+
+    return LazyTensor((n, k), kind, lambda: _dequantize(_quant_parts(handles, base)), raw)
+
+
+def read_tensors(folder: Path, tie_embeddings: bool, quantized: bool = False) -> dict[str, LazyTensor]:
     """Lazy canonical tensors from a folder's safetensors files (memory-mapped, read one at a time)."""
     from safetensors import safe_open
 
-    tensors: dict[str, LazyTensor] = {}
+    handles: dict[str, object] = {}  # stored name -> the open file that holds it
     for file in weight_files(folder):
         try:
             handle = safe_open(str(file), framework="pt")
         except Exception as e:  # safetensors raises its own error type for bad headers
             raise FormatError(f"{file}: not a safetensors file ({str(e).splitlines()[0]})") from None
         for name in handle.keys():
-            if name.endswith(IGNORED_SUFFIXES):
-                continue
-            canon = canonical_name(name)
-            if canon is None:
-                raise UnsupportedModelError(f"{file}: unexpected tensor {name!r} for a llama model")
-            if canon in tensors:
+            if name in handles:
                 raise FormatError(f"{folder}: tensor {name} is stored twice (second time in {file.name})")
-            info = handle.get_slice(name)
-            tensors[canon] = LazyTensor(tuple(info.get_shape()), info.get_dtype(), _loader(handle, name))
+            handles[name] = handle
+    tensors: dict[str, LazyTensor] = {}
+    for name, handle in handles.items():
+        if name.endswith(IGNORED_SUFFIXES):
+            continue
+        if quantized and name.endswith(QUANT_PARTS):
+            if not name.endswith(".qweight"):
+                continue
+            base = name.removesuffix(".qweight")
+            canon = canonical_name(base + ".weight")
+            lazy = _quant_tensor(handles, base, folder) if canon else None
+        else:
+            canon = canonical_name(name)
+            if canon:
+                info = handle.get_slice(name)
+                lazy = LazyTensor(tuple(info.get_shape()), info.get_dtype(), _loader(handle, name))
+        if canon is None:
+            raise UnsupportedModelError(f"{folder}: unexpected tensor {name!r} for a llama model")
+        if canon in tensors:
+            raise FormatError(f"{folder}: tensor {canon} is stored twice")
+        tensors[canon] = lazy
     if tie_embeddings:  # the output layer is the embedding; a stored copy is ignored, as transformers does
         tensors.pop("output.weight", None)
     return tensors
+
+
+def _quantization(cfg: dict, where: Path) -> dict | None:
+    """A camelid quantization_config, None for a float folder; other methods (GPTQ, AWQ, ...) are refused."""
+    qc = cfg.get("quantization_config")
+    if not qc:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method != QUANT_METHOD:
+        raise UnsupportedModelError(f"{where}: quantization method {method!r} is not supported "
+                                    f"(camelid reads float folders and its own {QUANT_METHOD!r} int8/int4 folders)")
+    return qc
 
 
 def read_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
@@ -165,12 +245,18 @@ def read_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
 
 def read(folder: Path) -> Checkpoint:
     """Read a Hugging Face Llama folder."""
-    config, style = read_config(read_json(folder / "config.json"), folder / "config.json")
-    tensors = read_tensors(folder, config.tie_embeddings)
+    raw_config = read_json(folder / "config.json")
+    config, style = read_config(raw_config, folder / "config.json")
+    quant = _quantization(raw_config, folder / "config.json")
+    tensors = read_tensors(folder, config.tie_embeddings, quantized=quant is not None)
     tokenizer = read_tokenizer(folder, config.vocab_size)
     if tokenizer.vocab_size > config.vocab_size:
         raise FormatError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens, the model only {config.vocab_size}")
     dtypes = sorted({t.dtype for t in tensors.values()})
     info = {"name": folder.name, "config_style": style, "tensor_types": dtypes,
             "shards": len(weight_files(folder)), "tokenizer": tokenizer.kind}
+    if quant is not None:
+        group = quant.get("group_size")
+        info["quantization"] = f"int{quant.get('bits')} (camelid, " + (
+            f"groups of {group})" if isinstance(group, int) and group > 0 else "per row)")
     return Checkpoint(config, tensors, tokenizer, "hf", folder, info)

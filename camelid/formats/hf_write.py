@@ -1,0 +1,154 @@
+"""camelid-quantized Hugging Face folders: weight-only int8 / int4 linears in safetensors.
+
+The folder is an ordinary Llama folder (config.json, tokenizer files, model.safetensors in HF tensor names)
+in which each linear layer's `X.weight` is replaced by:
+
+  int8: X.qweight int8 [N, K], X.scales float32 [N, 1]            w = q * scale  (symmetric, per output row)
+  int4: X.qweight uint8 [N, K/2], X.scales, X.zeros float32 [N, K/G]
+        w = (q - 8) * scale + zero, q in 0..15, groups of G along K; element 2j in the low nibble of byte j,
+        element 2j+1 in the high nibble (hf.unpack_int4 is the inverse)
+
+and config.json carries `"quantization_config": {"quant_method": "camelid", "bits": 8 | 4, "group_size": G}`
+(-1 for int8: one group per row, G = K). Embedding and norms stay float in the source's precision (float32 for a quantized source);
+a linear whose K is not a multiple of the group stays float too. Q/K rows are in rotate-half order, as HF's are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from . import Checkpoint
+from .hf import NAMES, QUANT_METHOD
+
+TYPES = ("int8", "int4")
+INT4_GROUP = 32
+_HF_NAME = {c: h for h, c in NAMES.items()}
+_FLOAT = {"BF16": torch.bfloat16, "bfloat16": torch.bfloat16, "F16": torch.float16, "float16": torch.float16}
+
+
+def hf_name(canonical: str) -> str:
+    parts = canonical.split(".")
+    if parts[0] == "layers":
+        return _HF_NAME[".".join(["layers", "{i}", *parts[2:]])].replace("{i}", parts[1])
+    return _HF_NAME[canonical]
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] of values 0..15 -> uint8 [N, K/2]: element 2j low nibble, 2j+1 high nibble."""
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def quantize_linear(w: torch.Tensor, bits: int) -> dict[str, torch.Tensor] | None:
+    """{"qweight", "scales"[, "zeros"]} for one weight [N, K]; None when K does not split into groups."""
+    from ..quant import int4_from_float, int8_from_float
+
+    if bits == 8:
+        q = int8_from_float(w)
+        return {"qweight": q.q.contiguous(), "scales": q.scale.float()[:, None].contiguous()}
+    if w.shape[1] % INT4_GROUP:
+        return None
+    q = int4_from_float(w, INT4_GROUP)
+    return {"qweight": pack_int4(q.q).contiguous(), "scales": q.scale.float().contiguous(),
+            "zeros": q.zero.float().contiguous()}
+
+
+def _config_json(ckpt: Checkpoint, bits: int, float_dtype: torch.dtype) -> dict:
+    cfg, tok = ckpt.config, ckpt.tokenizer
+    rs = cfg.rope_scaling
+    out = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None if rs is None else {
+            "rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
+            "high_freq_factor": rs.high_freq_factor, "original_max_position_embeddings": rs.original_max_position_embeddings},
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+        "torch_dtype": str(float_dtype).removeprefix("torch."),
+        "quantization_config": {"quant_method": QUANT_METHOD, "bits": bits,
+                                "group_size": INT4_GROUP if bits == 4 else -1},  # -1: per row
+    }
+    return out
+
+
+def _tokenizer_files(ckpt: Checkpoint, folder: Path) -> None:
+    """tokenizer.json (the camelid tokenizer's own backend), tokenizer_config.json, generation_config.json."""
+    tok = ckpt.tokenizer
+    spec = json.loads(tok.backend.to_str())
+    decoder = json.dumps(spec.get("decoder"))
+    if tok.strip_leading_space and '"Strip"' not in decoder and '"Metaspace"' not in decoder:
+        # SentencePiece drops the space it prepends to the first word; say so the way HF's Llama files do
+        strip = {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+        d = spec.get("decoder")
+        spec["decoder"] = {"type": "Sequence", "decoders": [*(d["decoders"] if d and d.get("type") == "Sequence"
+                                                              else [d] if d else []), strip]}
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    name = lambda i: tok.backend.id_to_token(i) if i is not None else None  # noqa: E731
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": bool(tok.add_bos),
+                  "add_eos_token": False, "bos_token": name(tok.bos_id), "eos_token": name(tok.eos_id),
+                  "clean_up_tokenization_spaces": False, "model_max_length": ckpt.config.max_seq_len}
+    if tok.chat_template:
+        tok_config["chat_template"] = tok.chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=1, ensure_ascii=False), encoding="utf-8")
+    eos = [tok.eos_id] if tok.eos_id is not None else []
+    eos += sorted(i for i in tok.stop_ids if i != tok.eos_id)
+    gen = {"bos_token_id": tok.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos}
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=1), encoding="utf-8")
+
+
+def _float_dtype(ckpt: Checkpoint) -> torch.dtype:
+    """The source's float precision: bf16/f16 when its embedding is stored so, else float32."""
+    return _FLOAT.get(ckpt.tensors["tok_embeddings.weight"].dtype, torch.float32)
+
+
+def write_quantized_folder(ckpt: Checkpoint, out: str | os.PathLike, kind: str,
+                           progress: Callable[[str, int, int], None] | None = None, overwrite: bool = False) -> dict:
+    """Write `ckpt` as a camelid int8/int4 folder at `out`; a summary dict. overwrite=True replaces an existing `out`."""
+    from safetensors.torch import save_file
+
+    if kind not in TYPES:
+        raise ValueError(f"kind must be int8 or int4, got {kind!r}")
+    bits = 8 if kind == "int8" else 4
+    out = Path(out)
+    tmp = out.with_name(out.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        float_dtype = _float_dtype(ckpt)
+        state: dict[str, torch.Tensor] = {}
+        kept_float = 0
+        names = list(ckpt.tensors)
+        for i, name in enumerate(names):
+            w = ckpt.tensors[name].load()
+            hf = hf_name(name)
+            q = quantize_linear(w, bits) if w.ndim == 2 and name != "tok_embeddings.weight" else None
+            if q is not None:
+                base = hf.removesuffix(".weight")
+                state.update({f"{base}.{k}": v for k, v in q.items()})
+            else:
+                kept_float += w.ndim == 2 and name != "tok_embeddings.weight"
+                state[hf] = w.to(float_dtype).contiguous()
+            if progress:
+                progress(name, i + 1, len(names))
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(_config_json(ckpt, bits, float_dtype), indent=1), encoding="utf-8")
+        _tokenizer_files(ckpt, tmp)
+        if overwrite and out.is_dir():
+            shutil.rmtree(out)
+        elif overwrite and out.exists():
+            out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(f.stat().st_size for f in out.iterdir())
+    return {"path": str(out), "format": "hf", "type": kind, "group_size": INT4_GROUP if bits == 4 else "row",
+            "linears_kept_float": kept_float, "bytes": size}
