@@ -17,6 +17,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,11 +36,14 @@ def free_port() -> int:
 
 
 def start(cmd: list[str], base: str, env: dict | None = None) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # the log goes to a file: a pipe nobody reads fills up and blocks a chatty server (llama.cpp's is)
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"server failed: {' '.join(cmd)}\n{proc.stderr.read()[-2000:]}")
+            log.seek(0)
+            raise SystemExit(f"server failed: {' '.join(cmd)}\n{log.read()[-2000:]}")
         try:
             if httpx.get(base + "/v1/models", timeout=2).status_code == 200:
                 return proc

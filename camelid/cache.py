@@ -43,7 +43,8 @@ class KVCache:
         return KVCache([t[start:stop] for t in self.k], [t[start:stop] for t in self.v])
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [B,T,K,E] at positions [B,T]; return keys, values [B,K,S,E] and mask [B,1,T,S]."""
+        """Write k, v [B,T,K,E] at positions [B,T]; return keys, values [B,K,S,E] and the additive mask [B,1,T,S],
+        or None when plain causal attention is right (positions 0..T-1 in every row)."""
         B = k.shape[0]
         rows = torch.arange(B, device=k.device)[:, None]
         kc, vc = self.k[layer], self.v[layer]
@@ -51,8 +52,10 @@ class KVCache:
         kc[rows, :, positions] = k.to(kc.dtype)
         vc[rows, :, positions] = v.to(vc.dtype)
         span = int(positions.max()) + 1
-        # computed once per forward (all layers share it)
+        # computed once per forward (all layers share it). A first chunk (positions 0..T-1 in every row) needs
+        # no mask: plain causal attention, which skips the hidden half instead of reading a T x T mask.
         if self._mask_for is None or self._mask_for[0] is not positions or self._mask_for[1] != span:
-            self._mask = attention_mask(positions, span, kc.dtype)
+            first_chunk = span == positions.shape[1] and bool((positions[:, 0] == 0).all())
+            self._mask = None if first_chunk else attention_mask(positions, span, kc.dtype)
             self._mask_for = (positions, span)
         return kc[:, :, :span], vc[:, :, :span], self._mask

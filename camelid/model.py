@@ -89,8 +89,9 @@ class Attention(nn.Module):
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B,H|K,T,E]
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            k, v, mask = cache.update(self.layer, positions, k, v)  # [B,K,S,E], mask [B,1,T,S]
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=True)
+            k, v, mask = cache.update(self.layer, positions, k, v)  # [B,K,S,E], mask [B,1,T,S] or None: causal
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None,
+                                                 enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
