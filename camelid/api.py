@@ -116,7 +116,7 @@ def load(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype | Non
          device: str | torch.device = "cpu", quant: str | None = "auto") -> LLM:
     """Load a model by store name or path (a GGUF file, a Hugging Face or Meta folder). None means the default model.
 
-    quant="auto" (default) is the fast path: GGUF Q4_0/Q4_1/Q8_0 weights stay quantized, bfloat16 activations;
+    quant="auto" (default) is the fast path: GGUF Q4_0/Q4_1/Q8_0 weights stay quantized, products in bfloat16;
     "int8" / "int4" quantize every linear layer at load; None is the float32 reference path (see camelid/loader.py).
     """
     from .formats import read

@@ -4,7 +4,7 @@ Two ways to build:
 - the reference path (quant=None): every tensor dequantized to float in `dtype` (float32 by default), the model
   exactly as written in camelid/model.py; the fixtures are checked against it.
 - the fast path (quant="auto" | "int8" | "int4"): linear layers kept quantized (camelid/quant.py) with fused
-  Q/K/V and gate/up projections, activations in bfloat16. "auto" keeps each GGUF type the kernels take as it is
+  Q/K/V and gate/up projections, the products in bfloat16 (activations between them float32). "auto" keeps each GGUF type the kernels take as it is
   stored (Q4_0, Q4_1, Q8_0: the integers unchanged), requantizes other quantized types (K-quants, Q5_*) to int4
   or int8 and leaves float weights in float; "int8" / "int4" quantize every linear layer to that.
 """
@@ -52,17 +52,17 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype | None = None, device: str 
                 quant: str | None = None) -> Transformer:
     """The model with the checkpoint's weights on `device`, in eval mode (see the module doc for `quant`).
 
-    dtype: the float type of weights and activations; default float32 for the reference path, bfloat16 for
-    the fast path (the quantized kernels' activation type).
+    dtype: the float type of weights and activations (default float32; the quantized layers compute in bfloat16
+    inside and return this type).
     """
     if quant is not None and quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {', '.join(QUANT_MODES)} or None, got {quant!r}")
-    dtype = dtype or (torch.float32 if quant is None else torch.bfloat16)
+    dtype = dtype or torch.float32
     cfg = ckpt.config
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = _check(ckpt, model)
-    quantized = _quantize_into(model, ckpt, quant, device) if quant is not None else set()
+    quantized = _quantize_into(model, ckpt, quant, device, dtype) if quant is not None else set()
     state = {name: _load(ckpt, name, shape).to(device=device, dtype=dtype)
              for name, shape in expected.items() if name not in quantized}
     tie = cfg.tie_embeddings and "tok_embeddings.weight" in state and isinstance(model.output, nn.Linear)
@@ -100,7 +100,7 @@ def _quant_weight(t: LazyTensor, mode: str, shape: tuple[int, int]) -> Q.QuantWe
     return Q.int8_from_float(w)
 
 
-def _quantize_into(model: Transformer, ckpt: Checkpoint, mode: str, device) -> set[str]:
+def _quantize_into(model: Transformer, ckpt: Checkpoint, mode: str, device, dtype: torch.dtype) -> set[str]:
     """Put quantized (and fused) linear layers into `model`; the names of the tensors they took."""
     taken: set[str] = set()
 
@@ -134,12 +134,16 @@ def _quantize_into(model: Transformer, ckpt: Checkpoint, mode: str, device) -> s
     out_name = "tok_embeddings.weight" if ckpt.config.tie_embeddings else "output.weight"
     out = ckpt.tensors[out_name]
     out_w = _quant_weight(out, mode, tuple(out.shape))
-    if out_w is not None:
-        model.output = Q.linear_for(out_w, device, dense_prefill=False)
-        taken.add(out_name)
+    table = None  # exact rows of the output weight, for QuantOutput
     if emb.raw is not None:  # keep a quantized embedding quantized; a float one stays float
         emb_w = out_w if ckpt.config.tie_embeddings and out_w is not None else _quant_weight(emb, "auto", tuple(emb.shape))
         if emb_w is not None:
-            model.tok_embeddings = Q.QuantEmbedding(emb_w, torch.bfloat16, device)
+            model.tok_embeddings = Q.QuantEmbedding(emb_w, dtype, device)
             taken.add("tok_embeddings.weight")
+            if emb_w is out_w:
+                table = model.tok_embeddings  # tied: one table serves both
+    if out_w is not None:
+        table = table or Q.QuantEmbedding(out_w, dtype, device)
+        model.output = Q.QuantOutput(Q.linear_for(out_w, device, dense_prefill=False), table)
+        taken.add(out_name)
     return taken

@@ -1,7 +1,9 @@
 """Weights that stay quantized at run time: int4 / int8 weight-only linear layers and a quantized embedding.
 
 The matrix products run in PyTorch's own weight-only kernels (`_weight_int4pack_mm*`, `_weight_int8pack_mm`),
-which are fast with bfloat16 activations. Every quantized weight is first brought to one of two plain forms:
+which are fast with bfloat16 inputs: a layer takes and returns the model's float32 activations and runs
+its product in bfloat16 (the residual stream stays float32, which keeps near-tied logits in the reference's
+order). Every quantized weight is first brought to one of two plain forms:
 
   Int4Weight: w[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g],  q in 0..15,  g = k // group
   Int8Weight: w[n, k] = q[n, k] * scale[n],  q in -128..127 (one scale per output row)
@@ -186,7 +188,7 @@ class Int4Linear(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
+        shape, dtype = x.shape, x.dtype  # the product in bfloat16 (the kernels' type), the result in x's type
         x = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         if _dense(shape, x) and self.nibbles is not None:
             y = F.linear(x, self.dequantize())
@@ -199,7 +201,7 @@ class Int4Linear(nn.Module):
                 y = torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group, self.scale_zero)
             if y.shape[-1] != self.out_features:  # padded rows
                 y = y[:, : self.out_features]
-        return y.reshape(*shape[:-1], self.out_features)
+        return y.reshape(*shape[:-1], self.out_features).to(dtype)
 
 
 class Int8Linear(nn.Module):
@@ -212,13 +214,13 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", w.scale.to(torch.bfloat16).to(device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
+        shape, dtype = x.shape, x.dtype  # the product in bfloat16 (the kernels' type), the result in x's type
         x = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         if _dense(shape, x):
             y = F.linear(x, self.q.to(torch.bfloat16) * self.scale[:, None])
         else:
             y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
-        return y.view(*shape[:-1], self.out_features)
+        return y.view(*shape[:-1], self.out_features).to(dtype)
 
 
 def linear_for(w: QuantWeight, device: torch.device | str = "cpu", dense_prefill: bool = True) -> nn.Module:
@@ -254,10 +256,37 @@ class QuantEmbedding(nn.Module):
             self.register_buffer("zero", torch.zeros_like(self.scale))
             self.offset = 0
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows `ids` of the table, dequantized exactly, in float32 [..., K]."""
         q = self.q[ids].float()  # [..., K]
         k = q.shape[-1]
         g = k // self.scale.shape[-1]
         q = q.view(*q.shape[:-1], k // g, g)
         w = (q - self.offset) * self.scale[ids][..., None] + self.zero[ids][..., None]
-        return w.reshape(*ids.shape, k).to(self.dtype)
+        return w.reshape(*ids.shape, k)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rows(ids).to(self.dtype)
+
+
+class QuantOutput(nn.Module):
+    """The output layer (hidden -> logits) on the quantized kernel, with its leading logits made exact.
+
+    The kernels return bfloat16, whose 8-bit mantissa steps by 0.125 at a logit of 25: close candidates tie or
+    swap (the default model then answers in French). So the REFINE highest logits of each position are
+    recomputed in float32 from the exact rows of the weight (`table`, shared with a tied embedding), which is
+    what greedy decoding, top-k and top-p look at; the rest keep the kernel's value.
+    """
+
+    REFINE = 32
+
+    def __init__(self, kernel: nn.Module, table: QuantEmbedding) -> None:
+        super().__init__()
+        self.kernel, self.table = kernel, table
+        self.out_features = kernel.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.kernel(x).float()
+        top = logits.topk(min(self.REFINE, logits.shape[-1]), dim=-1).indices  # [..., R]
+        exact = (self.table.rows(top) * x.float()[..., None, :]).sum(-1)  # [..., R]
+        return logits.scatter_(-1, top, exact)

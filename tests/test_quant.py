@@ -118,20 +118,25 @@ def test_fast_path_batch_equals_one_at_a_time(tmp_path):
 
 @pytest.mark.slow
 def test_default_model_fast_path_against_fixtures(default_model_path, reference):
-    """The Q4_1 file on the fast path: lossy (bf16 activations and scales), so top-1 agreement is measured."""
-    ckpt = read(default_model_path)
-    model = build_model(ckpt, quant="auto")
-    agree = total = 0
+    """The Q4_1 file on the fast path (bf16 products, bf16 scales) against the float32 reference numbers: the
+    logits move by less than 0.25 (measured 0.1), every argmax and every greedy continuation stay the same."""
+    model = build_model(read(default_model_path), quant="auto")
     with torch.inference_mode():
         for case in reference["logits"]:
             logits = model(torch.tensor([case["prompt_ids"]]))[0]
-            argmax = logits.argmax(-1).tolist()
-            agree += sum(a == b for a, b in zip(argmax, case["argmax_every_position"]))
-            total += len(argmax)
-            assert logits[-1].argmax().item() == case["last_top10_ids"][0]
-    assert agree / total > 0.95, f"top-1 agreement {agree}/{total}"
-    same = 0
+            assert logits.argmax(-1).tolist() == case["argmax_every_position"]
+            top = logits[-1][case["last_top10_ids"]]
+            assert (top - torch.tensor(case["last_top10_logits"])).abs().max() < 0.25
     for case in reference["greedy"]:
         got = [t for step in generate(model, [Request(case["prompt_ids"], len(case["new_ids"]))]) for t in step]
-        same += got[:8] == case["new_ids"][:8]
-    assert same >= len(reference["greedy"]) - 1  # the first 8 greedy tokens, all prompts but at most one
+        assert got == case["new_ids"], case["prompt"]
+
+
+def test_near_tied_logits_keep_their_order(default_model_path):
+    """The default chat prompt's first answer token is a near tie (reference margin 0.08 at a logit of 25), which
+    bfloat16 logits break the wrong way; the fast path must answer like the reference."""
+    import camelid
+
+    llm = camelid.load(default_model_path)
+    assert llm.chat("What is the capital of France?", max_tokens=8,
+                    sampling=camelid.SamplingParams(temperature=0)).startswith("The capital of France is Paris")

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-id", default=None, help="the model's name in the API (default: the store name or file stem)")
     parser.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     parser.add_argument("--quant", choices=("auto", "int8", "int4"), default="auto",
-                        help="weights at run time: auto keeps GGUF Q4_0/Q4_1/Q8_0 quantized (bf16 activations); int8/int4 "
+                        help="weights at run time: auto keeps GGUF Q4_0/Q4_1/Q8_0 quantized (bf16 products); int8/int4 "
                              "quantize every linear layer at load (default auto)")
     parser.add_argument("--reference", action="store_true", help="the float32 reference path (every weight dequantized)")
 
