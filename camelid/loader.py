@@ -4,9 +4,11 @@ Two ways to build:
 - the reference path (quant=None): every tensor dequantized to float in `dtype` (float32 by default), the model
   exactly as written in camelid/model.py; the fixtures are checked against it.
 - the fast path (quant="auto" | "int8" | "int4"): linear layers kept quantized (camelid/quant.py) with fused
-  Q/K/V and gate/up projections, the products in bfloat16 (activations between them float32). "auto" keeps each GGUF type the kernels take as it is
-  stored (Q4_0, Q4_1, Q8_0: the integers unchanged), requantizes other quantized types (K-quants, Q5_*) to int4
-  or int8 and leaves float weights in float; "int8" / "int4" quantize every linear layer to that.
+  Q/K/V and gate/up projections, the products in bfloat16 (activations between them float32). "auto" keeps
+  each GGUF type the kernels take as it is stored (Q4_0, Q4_1, Q8_0: the integers unchanged), requantizes
+  other quantized types (K-quants, Q5_*) to int4 or int8 and leaves float weights in float; "int8" / "int4"
+  quantize every linear layer to that. The output layer makes each position's leading logits exact
+  (quant.QuantOutput).
 """
 
 from __future__ import annotations
