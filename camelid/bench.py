@@ -52,11 +52,12 @@ def _worker_camelid(path: str, threads: int, pp: int, tg: int, repeats: int, qua
     prompt = torch.tensor([_tokens(pp, vocab)])
     pp_times, tg_times = [], []
     with torch.inference_mode():
-        model(prompt[:, :8], None, KVCache.for_model(model, 1, pp))  # warm-up
+        last = torch.tensor([pp - 1])
+        model(prompt, None, KVCache.for_model(model, 1, pp), logits_at=last)  # warm-up, as llama-bench does
         for _ in range(repeats):
             cache = KVCache.for_model(model, 1, pp)
             t = time.perf_counter()
-            model(prompt, None, cache, logits_at=torch.tensor([pp - 1]))
+            model(prompt, None, cache, logits_at=last)
             pp_times.append(time.perf_counter() - t)
         for _ in range(repeats):
             cache = KVCache.for_model(model, 1, tg + 1)
@@ -81,7 +82,7 @@ def _worker_llama_cpp(path: str, threads: int, pp: int, tg: int, repeats: int, q
     prompt = _tokens(pp, llm.n_vocab())
     pp_times, tg_times = [], []
     llm.reset()
-    llm.eval(prompt[:8])
+    llm.eval(prompt)  # warm-up
     for _ in range(repeats):
         llm.reset()
         t = time.perf_counter()
@@ -114,7 +115,7 @@ def _worker_transformers(path: str, threads: int, pp: int, tg: int, repeats: int
     prompt = torch.tensor([_tokens(pp, model.config.vocab_size)])
     pp_times, tg_times = [], []
     with torch.inference_mode():
-        model(prompt[:, :8])
+        model(prompt)  # warm-up
         for _ in range(repeats):
             t = time.perf_counter()
             model(prompt, logits_to_keep=1)
