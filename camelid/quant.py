@@ -199,8 +199,8 @@ class Int4Linear(nn.Module):
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scale_zero)
             else:
                 y = torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group, self.scale_zero)
-            if y.shape[-1] != self.out_features:  # padded rows
-                y = y[:, : self.out_features]
+        if y.shape[-1] != self.out_features:  # padded rows, on either path
+            y = y[:, : self.out_features]
         return y.reshape(*shape[:-1], self.out_features).to(dtype)
 
 

@@ -44,6 +44,17 @@ def test_int4_linear_kernel_and_dense_paths_agree_with_float(kind):
     assert (dense - kernel).abs().max() < 0.02 * scale
 
 
+def test_rows_padded_for_the_kernel_are_dropped_on_both_paths():
+    qw = Q.int4_from_float(torch.randn(20, 64))  # 20 rows: the layer pads to 32
+    layer = Q.Int4Linear(qw)
+    x = torch.randn(1, Q.DENSE_MIN_TOKENS, 64)
+    dense = layer(x)  # dense prefill path
+    kernel = torch.cat([layer(x[:, i : i + 1]) for i in range(x.shape[1])], 1)
+    assert dense.shape == kernel.shape == (1, Q.DENSE_MIN_TOKENS, 20)
+    want = x @ qw.dequantize().t()
+    assert (dense - want).abs().max() < 0.02 * want.abs().max()
+
+
 def test_quantizing_float_weights_stays_within_half_a_step():
     w = torch.randn(64, 96)
     q4 = Q.int4_from_float(w)
