@@ -18,7 +18,25 @@ def _model_and(args_list: list[str], what: str) -> tuple[str | None, str]:
         return None, args_list[0]
     if len(args_list) == 2:
         return args_list[0], args_list[1]
-    raise CamelidError(f"expected [MODEL] {what}, got {len(args_list)} arguments (quote the {what.lower()})")
+    shown = " ".join(repr(a) for a in args_list)
+    raise CamelidError(f"expected [MODEL] {what}, got {len(args_list)} arguments ({shown}): took {args_list[0]!r} as MODEL "
+                       f"and {args_list[1]!r} as {what}, and {len(args_list) - 2} more are left over; "
+                       f"quote a {what.lower()} of several words")
+
+
+def _resolve_positional(model: str | None, rest: str, what: str) -> Path:
+    """The store's path for MODEL; when MODEL came as the first of two positionals and is no model, the error says
+    how the line was read (`camelid run hello world` takes 'hello' as MODEL)."""
+    from .errors import ModelNotFoundError
+    from .store import resolve
+
+    try:
+        return resolve(model)
+    except ModelNotFoundError as e:
+        if model is None:
+            raise
+        hint = "MODEL comes first" if Path(rest).exists() else f"quote a {what.lower()} of several words"
+        raise ModelNotFoundError(f"{e} (took {model!r} as MODEL and {rest!r} as {what}; {hint})") from None
 
 
 def _sampling(args: argparse.Namespace, model_path: Path):
@@ -43,7 +61,7 @@ def _load(model: str | None, args: argparse.Namespace, sampling: bool = True):
 
     if getattr(args, "max_tokens", 0) < 0:
         raise CamelidError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    path = resolve(model)
+    path = model if isinstance(model, Path) else resolve(model)
     params = _sampling(args, path) if sampling else None
     if getattr(args, "threads", None) is not None:
         if args.threads < 1:
@@ -106,7 +124,7 @@ def cmd_rm(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     model, prompt = _model_and(args.args, "PROMPT")
-    llm, sampling = _load(model, args)
+    llm, sampling = _load(_resolve_positional(model, prompt, "PROMPT"), args)
     options = dict(max_tokens=args.max_tokens, sampling=sampling, stop=args.stop or ())
     if args.raw:
         generation = llm.start(llm.encode_prompt(prompt), **options)
@@ -175,10 +193,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
     from .formats import read
-    from .store import resolve
 
     model, text = _model_and(args.args, "TEXT")
-    tok = read(resolve(model)).tokenizer
+    tok = read(_resolve_positional(model, text, "TEXT")).tokenizer
     print(json.dumps(tok.encode(text, special=args.special, bos=args.bos)))
 
 
@@ -194,7 +211,7 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
         raise CamelidError(f"no such file: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise CamelidError(f"cannot read {path} as UTF-8 text: {e}") from None
-    llm, _ = _load(model, args, sampling=False)
+    llm, _ = _load(_resolve_positional(model, file, "FILE"), args, sampling=False)
     ids = llm.tokenizer.encode(text, special=False, bos=True)
     if len(ids) < 2:
         raise CamelidError(f"{path}: needs at least two tokens of text")
@@ -343,9 +360,9 @@ def _add_sampling(p: argparse.ArgumentParser, max_tokens: int = 512) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="camelid", description="Run, chat with and inspect LLaMA-family models.")
+    parser = _Parser(prog="camelid", description="Run, chat with and inspect LLaMA-family models.")
     parser.add_argument("--version", action="version", version=f"camelid {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     model_help = "store name or path to a model file/folder (default: smollm2-135m-instruct)"
 
@@ -420,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
     serve_arguments(p)
     p.set_defaults(func=cmd_serve)
+    parser.commands = dict(sub.choices)  # name -> sub-parser, for parse_args' intermixed reading
     return parser
 
 
@@ -448,9 +466,32 @@ def cmd_serve(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
-def main(argv: list[str] | None = None) -> int:
+class _Parser(argparse.ArgumentParser):
+    """argparse with camelid's one-line errors: `camelid: error: ...` and exit status 2."""
+
+    def error(self, message: str):
+        command = self.prog.split(" ", 1)[1] if " " in self.prog else None
+        hint = f"camelid {command} --help" if command else "camelid --help"
+        self.exit(2, f"camelid: error: {message} (see {hint})\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options may come before, between or after a command's positional arguments (as in git, ollama, llama-cli):
+    the sub-command's parser reads its line with parse_intermixed_args."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = parser.commands
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if at is None or at > 0 or argv[at] not in commands:
+        return parser.parse_args(argv)  # --help, --version, a missing or unknown command: argparse says so
+    sub = commands[argv[at]]
+    args = sub.parse_intermixed_args(argv[at + 1 :])
+    args.command = argv[at]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         args.func(args)
     except CamelidError as e:
