@@ -94,3 +94,16 @@ def test_parser_errors_are_one_line():
     assert "invalid int value" in _one_line(camelid("run", "--max-tokens", "x", "hi"))
     assert "required" in _one_line(camelid("run"))
     assert "invalid choice" in _one_line(camelid("bogus"))
+
+
+def test_a_missing_llama_cpp_fails_when_it_is_expected(monkeypatch):
+    """`make test` sets CAMELID_REQUIRE_LLAMA_CPP=1: the interop tests must then fail, never skip, without the peer."""
+    from conftest import require_llama_cpp
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    monkeypatch.setenv("CAMELID_REQUIRE_LLAMA_CPP", "1")
+    with pytest.raises(pytest.fail.Exception, match="expected"):
+        require_llama_cpp()
+    monkeypatch.delenv("CAMELID_REQUIRE_LLAMA_CPP")
+    with pytest.raises(pytest.skip.Exception):
+        require_llama_cpp()
