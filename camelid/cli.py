@@ -432,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(p)
     p.set_defaults(func=cmd_bench)
 
+    _add_finetune(sub)
+
     from .serve import add_arguments as serve_arguments  # flags only: the server's modules load on use
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
@@ -439,6 +441,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
     parser.commands = dict(sub.choices)  # name -> sub-parser, for parse_args' intermixed reading
     return parser
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    """LoRA / QLoRA / full fine-tuning: camelid.train.finetune with the flags as they are."""
+    import torch
+
+    from .train.finetune import finetune
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CamelidError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    r = finetune(args.model, args.data, args.out, method=args.method, steps=args.steps, epochs=args.epochs, lr=args.lr,
+                 rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=args.targets, use_rslora=args.rslora,
+                 seq_len=args.seq_len, batch_tokens=args.batch_tokens, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                 val=args.val, val_frac=args.val_frac, save_every=args.save_every, eval_every=args.eval_every,
+                 warmup_steps=args.warmup, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+                 seed=args.seed, resume=args.resume, train_on_prompt=args.train_on_prompt, skip_bad=args.skip_bad,
+                 pack=not args.no_pack, precision=args.precision, activation_checkpointing=args.grad_checkpoint,
+                 system=args.system)
+    what = "model" if r.method == "full" else "adapter"
+    val = f", validation loss {r.final_val_loss:.4f}" if r.final_val_loss is not None else ""
+    loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "-"
+    print(f"wrote the {what} to {r.out} ({r.steps} steps, loss {loss}{val}; metrics in {r.out / 'metrics.jsonl'})")
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="LoRA, QLoRA or full fine-tuning on your own data (JSONL chat, instruction or text)")
+    p.add_argument("model", nargs="?", default=None, help="store name or path of the base model (default: smollm2-135m-instruct)")
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help='JSONL of {"messages": [...]}, {"instruction", "input", "output"} or {"text"} records, or a .txt file')
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the adapter (peft format) or model, metrics.jsonl, checkpoint/")
+    p.add_argument("--method", choices=("lora", "qlora", "full"), default="lora",
+                   help="lora: float base; qlora: LoRA over the base kept quantized; full: every weight (default lora)")
+    g = p.add_argument_group("length")
+    g.add_argument("--steps", type=int, default=None, metavar="N", help="optimizer steps")
+    g.add_argument("--epochs", type=float, default=None, metavar="E", help="passes over the data (default 1, unless --steps)")
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4 for LoRA/QLoRA, 2e-5 for full)")
+    g.add_argument("--warmup", type=int, default=None, metavar="N", help="warmup steps before the cosine decay (default 10%%, at most 100)")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--max-grad-norm", type=float, default=1.0, metavar="X", help="gradient clipping (default 1.0)")
+    g.add_argument("--grad-accum", type=int, default=1, metavar="N", help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, default=8, metavar="R", help="LoRA rank (default 8)")
+    g.add_argument("--alpha", type=float, default=16.0, metavar="A", help="LoRA alpha; the scale is alpha/rank (default 16)")
+    g.add_argument("--dropout", type=float, default=0.05, metavar="P", help="LoRA dropout (default 0.05)")
+    g.add_argument("--targets", default=None, metavar="LIST",
+                   help="comma-separated of q,k,v,o,gate,up,down (default: all seven; never the output layer)")
+    g.add_argument("--rslora", action="store_true", help="rank-stabilised scale alpha/sqrt(rank)")
+    g = p.add_argument_group("data")
+    g.add_argument("--seq-len", type=int, default=512, metavar="N", help="tokens per sequence (default 512; longer records are an error)")
+    g.add_argument("--batch-tokens", type=int, default=None, metavar="N", help="tokens per micro-batch, packed (default: --seq-len)")
+    g.add_argument("--batch-size", type=int, default=None, metavar="N", help="sequences per micro-batch (instead of --batch-tokens)")
+    g.add_argument("--val", default=None, metavar="FILE", help="validation data, same kinds as --data")
+    g.add_argument("--val-frac", type=float, default=None, metavar="F", help="hold out this share of --data for validation")
+    g.add_argument("--train-on-prompt", action="store_true", help="also train on the prompt tokens (default: assistant turns only)")
+    g.add_argument("--skip-bad", action="store_true", help="skip (and count) bad or too-long records instead of stopping")
+    g.add_argument("--no-pack", action="store_true", help="one sample per row, padded (default: pack samples, no attention across them)")
+    g.add_argument("--system", default=None, metavar="TEXT", help="system prompt for records that have none")
+    g = p.add_argument_group("run")
+    g.add_argument("--save-every", type=int, default=None, metavar="N", help="checkpoint every N steps (default: at the end)")
+    g.add_argument("--eval-every", type=int, default=None, metavar="N", help="validation loss every N steps (default: 5 times a run)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly")
+    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 autocast where the CPU or GPU supports it, else float32")
+    g.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per block (less memory, more time)")
+    g.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads")
+    p.set_defaults(func=cmd_finetune)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
