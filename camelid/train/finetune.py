@@ -152,28 +152,25 @@ def finetune(model: str | os.PathLike | None = None, data: str | os.PathLike = "
     if val_samples:
         val_batches = lambda: D.Batches(val_samples, **batch_opts, shuffle=False, seed=seed, rank=r, world=world)  # noqa: E731
 
-    total_steps = steps
-    if total_steps is None:
-        per_epoch = max(1, batches.steps_per_epoch // grad_accum)
-        total_steps = max(1, round((epochs or 1.0) * per_epoch))
-    cfg = loop.TrainConfig(steps=total_steps, lr=lr or DEFAULT_LR[method],
-                           warmup_steps=warmup_steps if warmup_steps is not None else min(100, max(1, total_steps // 10)),
+    cfg = loop.TrainConfig(steps=steps, epochs=None if steps is not None else (epochs or 1.0), lr=lr or DEFAULT_LR[method],
+                           warmup_steps=warmup_steps or 0, warmup_ratio=0.0 if warmup_steps is not None else 0.1,
                            weight_decay=weight_decay, grad_accum=grad_accum, max_grad_norm=max_grad_norm,
-                           eval_every=eval_every or max(1, total_steps // 5), save_every=save_every or total_steps,
-                           seed=seed, precision=precision, activation_checkpointing=activation_checkpointing)
+                           eval_every=eval_every or 0, save_every=save_every or 0, seed=seed, precision=precision,
+                           activation_checkpointing=activation_checkpointing)
+    if eval_every is None and val_batches is not None:  # validation five times a run by default
+        cfg.eval_every = max(1, loop.total_steps(cfg, batches) // 5)
 
-    def save(step: int, out_dir: Path) -> None:  # the user-facing artifact, beside each checkpoint
-        if r != 0:
-            return
+    def save(step: int, out_dir: Path, state: dict[str, torch.Tensor]) -> None:
+        """The user-facing artifact beside each checkpoint (rank 0, whole tensors on the CPU)."""
         if method == "full":
             from ..formats.hf_write import write_hf_folder
 
-            write_hf_folder(ckpt, {k: v.detach() for k, v in net.state_dict().items()}, out_dir)
+            write_hf_folder(ckpt, state, out_dir)
         else:
             from ..formats.peft import write_adapter
-            from .lora import adapter_from_model
+            from .lora import adapter_from_state
 
-            write_adapter(adapter_from_model(net, base_model=str(source)), out_dir)
+            write_adapter(adapter_from_state(net, state, base_model=str(source)), out_dir)
 
     if r == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -181,9 +178,11 @@ def finetune(model: str | os.PathLike | None = None, data: str | os.PathLike = "
             "base_model": str(source), "method": method, "data": str(data_path), "val": str(val) if val else None,
             "val_frac": val_frac, "seq_len": seq_len, "rank": rank, "alpha": alpha, "dropout": dropout,
             "targets": list(target_names), "train_on_prompt": train_on_prompt, "pack": pack, "data_report": asdict(report),
-            "train": asdict(cfg)}, indent=1, default=str) + "\n")
-    result = loop.train(net, batches, cfg, out, val_batches=val_batches, trainable=trainable, on_save=save,
-                        resume=resume, progress=progress)
-    return FinetuneResult(out=out, method=method, steps=result.steps, final_loss=result.final_loss,
-                          final_val_loss=result.final_val_loss,
+            "train": cfg.to_dict()}, indent=1, default=str) + "\n")
+    try:
+        result = loop.train(net, batches, cfg, out, val_batches=val_batches, trainable=list(trainable.values()), on_save=save,
+                            resume=resume, progress=progress)
+    except ValueError as e:  # a checkpoint of another run, settings that do not fit the data
+        raise CamelidError(str(e)) from None
+    return FinetuneResult(out=out, method=method, steps=result.steps, final_loss=result.loss, final_val_loss=result.val_loss,
                           trainable_parameters=sum(p.numel() for p in trainable.values()), data=asdict(report))
