@@ -63,16 +63,17 @@ def toy_batch(index: int, rows: int, seed: int = 0) -> Batch:
 
 class ToyBatches:
     """Endless, deterministic, rank-sharded: process `rank` of `world` takes global micro-batches
-    pos + rank, pos + world + rank, ...; the position is a global count, the same on every process."""
+    pos + rank, pos + world + rank, ...; the position is a global count, the same on every process.
+    An epoch is `per_epoch` global micro-batches (steps_per_epoch: this process's share of them)."""
 
-    def __init__(self, rows: int, rank: int = 0, world: int = 1, seed: int = 0, steps_per_epoch: int = 5) -> None:
-        self.rows, self.rank, self.world, self.seed = rows, rank, world, seed
-        self.steps_per_epoch = steps_per_epoch  # micro-batches per process per epoch
+    def __init__(self, rows: int, rank: int = 0, world: int = 1, seed: int = 0, per_epoch: int = 6) -> None:
+        self.rows, self.rank, self.world, self.seed, self.per_epoch = rows, rank, world, seed, per_epoch
+        self.steps_per_epoch = per_epoch // world
         self.pos = 0
 
     @property
     def epoch(self) -> int:
-        return self.pos // (self.steps_per_epoch * self.world)
+        return self.pos // self.per_epoch
 
     def __iter__(self):
         while True:
@@ -201,7 +202,7 @@ def test_trainable_argument_freezes_the_rest(tmp_path):
 def test_metrics_lines_and_validation_loss(tmp_path):
     model = tiny_model()
     val = [toy_batch(1000 + i, 3) for i in range(2)]
-    train(model, ToyBatches(rows=2, steps_per_epoch=2), cfg_for(steps=None, epochs=2.0, eval_every=2), tmp_path,
+    train(model, ToyBatches(rows=2, per_epoch=2), cfg_for(steps=None, epochs=2.0, eval_every=2), tmp_path,
           val_batches=lambda: iter(val), progress=False)
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # 2 epochs of 2 micro-batches
@@ -394,9 +395,9 @@ def main() -> None:
     from camelid.train.distributed import setup
 
     ctx = setup()
-    model = tiny_model(lora=a.mode == "lora", dropout=a.dropout)
+    model = tiny_model(lora=a.mode == "lora", dropout=a.dropout, tied=a.mode == "full")
     batches = ToyBatches(rows=a.rows, rank=ctx.rank, world=ctx.world)
-    val = [toy_batch(1000 + 2 * i + ctx.rank, a.rows) for i in range(2 // ctx.world)]  # this process's shard
+    val = [toy_batch(1000 + ctx.world * i + ctx.rank, a.rows) for i in range(2 // ctx.world)]  # this process's shard
 
     def on_save(step: int, out: Path, state: dict) -> None:
         torch.save(state, out / "trainable.pt")

@@ -313,13 +313,14 @@ def evaluate(model: nn.Module, batches: Iterable, ctx: DistContext, precision: s
 
 
 def _trainable_full_state(model: nn.Module, ctx: DistContext) -> dict[str, torch.Tensor]:
-    """The trainable parameters by name, whole and on the CPU (gathered from every process under FSDP2)."""
-    if ctx.world == 1:
-        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable parameters by state-dict name (a tied weight under each of its names), whole and on the
+    CPU: gathered from every process's shard under FSDP2 (a collective), detached views in one process."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                ignore_frozen_params=True))
+    whole = ctx.world > 1
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=whole, cpu_offload=whole,
+                                                                 ignore_frozen_params=True))
+    return {name: t.detach() for name, t in state.items()}
 
 
 def train(
