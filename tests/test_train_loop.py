@@ -247,12 +247,39 @@ def test_refuses_to_overwrite_or_to_resume_nothing(tmp_path):
         train(tiny_model(), ToyBatches(rows=2), cfg_for(steps=1), tmp_path, progress=False)
 
 
+def test_resuming_with_other_trainable_parameters_is_one_clear_error(tmp_path):
+    train(tiny_model(lora=True), ToyBatches(rows=2), cfg_for(steps=1), tmp_path, progress=False)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="does not fit") as info:
+        train(tiny_model(), ToyBatches(rows=2), cfg_for(steps=2), tmp_path, resume=True, progress=False)
+    assert "\n" not in str(info.value)
+
+
 def test_diverged_loss_is_an_error(tmp_path):
     model = tiny_model()
     with torch.no_grad():
         model.norm.weight.fill_(float("nan"))
     with pytest.raises(TrainError, match="loss is nan at step 1"):
         train(model, ToyBatches(rows=2), cfg_for(steps=1), tmp_path, progress=False)
+
+
+def test_progress_shows_status_and_eta_and_logs_every_n_steps(monkeypatch):
+    import io
+
+    from camelid import progress
+
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    stream = io.StringIO()
+    bar = progress.Progress(10, "train", unit="step", stream=stream, initial=4, every=2)
+    now[0] = 1.0
+    bar.update(1, status="loss 2.5")  # step 5: not a multiple of 2, no line
+    now[0] = 2.0
+    bar.update(1, status="loss 2.0")  # step 6: 2 steps in 2 s: 4 left, ETA 0:04
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "train:  60.0% 6 step / 10 step (1 step/s) loss 2.0 ETA 0:04"
+    assert lines[1].startswith("train:  60.0%") and len(lines) == 2
+    assert progress._clock(3725) == "1:02:05"
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -26,7 +27,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import CamelidError
 from .distributed import DistContext, barrier, gather_objects
+
+
+class CheckpointMismatchError(CamelidError, ValueError):
+    """A checkpoint whose tensors do not fit the model (another model, other trainable parameters)."""
+
 
 CHECKPOINT, TMP, OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
 TRAINER = "trainer.pt"  # written last: its presence marks a complete checkpoint
@@ -152,10 +159,17 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
     if trainer.get("version") != VERSION:
         raise ValueError(f"{path}: checkpoint version {trainer.get('version')!r}, expected {VERSION}")
     state = _tensor_state(model, optimizer)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to.*")
-        _dcp().load(state, checkpoint_id=str(path))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to.*")
+            _dcp().load(state, checkpoint_id=str(path))
+    except (Exception, _dcp().CheckpointException) as e:  # DCP's message holds a traceback per rank: the gist
+        text = str(e)
+        found = re.search(r"(Missing key in checkpoint state_dict: [\w.]+|Size mismatch[^\n]*)", text)
+        gist = found.group(1) if found else (text.splitlines() or [type(e).__name__])[0]
+        raise CheckpointMismatchError(f"{path}: the checkpoint does not fit this model's trainable parameters "
+                                      f"({gist[:300]})") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
     if trainer["world"] == ctx.world:
