@@ -55,3 +55,8 @@ def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "moved")] == [1, 2]
     run_script("--out", str(tmp_path / "moved"), *common, "--grad-accum", "2", "--resume")
     _same(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "moved"))
+
+
+def test_processes_with_different_initial_weights_are_refused(tmp_path):
+    proc = run_script("--out", str(tmp_path / "bad"), "--steps", "1", "--init-by-rank", torchrun=2, check=False)
+    assert proc.returncode != 0 and "different initial weights" in proc.stdout + proc.stderr

@@ -417,12 +417,14 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init-by-rank", action="store_true", help="each process initializes differently (a bug)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     from camelid.train.distributed import setup
 
     ctx = setup()
-    model = tiny_model(lora=a.mode == "lora", dropout=a.dropout, tied=a.mode == "full")
+    model = tiny_model(seed=ctx.rank if a.init_by_rank else 0, lora=a.mode == "lora", dropout=a.dropout,
+                       tied=a.mode == "full")
     batches = ToyBatches(rows=a.rows, rank=ctx.rank, world=ctx.world)
     val = [toy_batch(1000 + ctx.world * i + ctx.rank, a.rows) for i in range(2 // ctx.world)]  # this process's shard
 

@@ -371,6 +371,7 @@ def train(
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if ctx.world > 1:
+        _check_same_weights(model, ctx)
         shard(model, ctx)
     optimizer = _optimizer(model, cfg, ctx.device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -386,6 +387,7 @@ def train(
     bar = Progress(total, "train", unit="step", initial=step, every=cfg.log_every) if progress and ctx.main else None
 
     it = iter(batches)
+    was_training = model.training
     model.train()
     history: list[dict] = []
     loss = val_loss = math.nan
@@ -443,6 +445,7 @@ def train(
                     if ctx.main:
                         on_save(step, out, state)
     finally:
+        model.train(was_training)
         if bar is not None:
             bar.close()
         if metrics is not None:
@@ -450,6 +453,15 @@ def train(
     val_loss = last_val
     return TrainResult(steps=step, loss=loss, val_loss=val_loss, tokens=tokens, elapsed_s=elapsed, out_dir=out,
                        metrics_path=out / "metrics.jsonl", checkpoint_path=ckpt_path, history=history)
+
+
+def _check_same_weights(model: nn.Module, ctx: DistContext) -> None:
+    """Every process must start from the same weights (FSDP2 keeps each process's shard of its own copy)."""
+    with torch.no_grad():
+        sums = [float(p.detach().double().sum()) for p in model.parameters()]
+    if any(other != sums for other in gather_objects(sums, ctx)):
+        raise TrainError("the processes hold different initial weights: seed the initialization alike or load "
+                         "the same checkpoint on every process")
 
 
 def _global_data_state(batches, ctx: DistContext) -> dict:
