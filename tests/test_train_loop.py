@@ -359,16 +359,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigkill_after_a_checkpoint_then_resume_logs_the_same_losses(tmp_path):
-    """Dropout in the adapters makes the losses depend on the restored RNG state too."""
-    common = ["--steps", "6", "--save-every", "2", "--mode", "lora", "--dropout", "0.2", "--grad-accum", "2"]
+@pytest.mark.parametrize("kill, logged", [(("--kill-at", "4"), 4), (("--kill-in-step", "6"), 5)],
+                         ids=["after-checkpoint", "between-checkpoints"])
+def test_sigkill_then_resume_logs_the_same_losses(tmp_path, kill, logged):
+    """Killed right after step 4's checkpoint, or during step 6 (its metrics line unwritten; step 5's line,
+    after the checkpoint, is dropped on resume). Dropout in the adapters makes the losses depend on the
+    restored RNG state too."""
+    common = ["--steps", "7", "--save-every", "2", "--mode", "lora", "--dropout", "0.2", "--grad-accum", "2"]
     run_script("--out", str(tmp_path / "whole"), *common)
-    killed = run_script("--out", str(tmp_path / "cut"), *common, "--kill-at", "4", check=False)
+    killed = run_script("--out", str(tmp_path / "cut"), *common, *kill, check=False)
     assert killed.returncode == -9, killed.stderr[-3000:]
-    assert [r["step"] for r in read_metrics(tmp_path / "cut")] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(tmp_path / "cut")] == list(range(1, logged + 1))
     run_script("--out", str(tmp_path / "cut"), *common, "--resume")
     whole, resumed = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "cut")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in resumed] == list(range(1, 8))
     keys = ("step", "loss", "lr", "grad_norm", "tokens", "targets", "epoch")
     assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in whole]
 
@@ -410,7 +414,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--save-every", type=int, default=0)
-    ap.add_argument("--kill-at", type=int, default=0)
+    ap.add_argument("--kill-at", type=int, default=0, help="SIGKILL right after this step's checkpoint")
+    ap.add_argument("--kill-in-step", type=int, default=0, help="SIGKILL before this step's metrics line")
     ap.add_argument("--mode", choices=("full", "lora"), default="full")
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--grad-accum", type=int, default=1)
@@ -435,7 +440,11 @@ def main() -> None:
 
     cfg = cfg_for(steps=a.steps, save_every=a.save_every, grad_accum=a.grad_accum, eval_every=a.eval_every,
                   lr=3e-3, warmup_steps=2)
-    train(model, batches, cfg, a.out, val_batches=val if a.eval_every else None, on_save=on_save,
+    def on_log(record: dict) -> None:
+        if record["step"] == a.kill_in_step:
+            os.kill(os.getpid(), 9)
+
+    train(model, batches, cfg, a.out, val_batches=val if a.eval_every else None, on_save=on_save, on_log=on_log,
           resume=a.resume, progress=False)
 
 
