@@ -359,7 +359,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("kill, logged", [(("--kill-at", "4"), 4), (("--kill-in-step", "6"), 5)],
+@pytest.mark.parametrize("kill, logged", [(("--kill-at", "4"), 4),
+                                          pytest.param(("--kill-in-step", "6"), 5, marks=pytest.mark.slow)],
                          ids=["after-checkpoint", "between-checkpoints"])
 def test_sigkill_then_resume_logs_the_same_losses(tmp_path, kill, logged):
     """Killed right after step 4's checkpoint, or during step 6 (its metrics line unwritten; step 5's line,
@@ -389,6 +390,9 @@ def test_full_finetune_of_a_gguf_f32_model(tmp_path):
     write_gguf(path, Spec(tied=True), byte_level_vocab())
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     model = camelid.load(path, quant=None).model
+    model.requires_grad_(True)  # without the copy: a clear error, not a crash at the first optimizer write
+    with pytest.raises(TrainError, match="read-only memory-mapped"):
+        train(model, ToyBatches(rows=2), cfg_for(steps=1), tmp_path / "no-copy", progress=False)
     weight = model.layers[0].attention.wq.weight
     before = weight.data_ptr()
     params = make_trainable_copy(model)

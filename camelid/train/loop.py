@@ -182,6 +182,34 @@ def make_trainable_copy(model: nn.Module, names: Iterable[str] | None = None,
     return out
 
 
+def _read_only_ranges() -> list[tuple[int, int]]:
+    """Address ranges of this process's read-only mappings (Linux /proc/self/maps; empty elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 2 and "w" not in parts[1]:
+            start, end = parts[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+def _check_writable(model: nn.Module) -> None:
+    """A trainable parameter inside a read-only memory map would crash the process at the optimizer's first
+    write: say so instead (the fix is make_trainable_copy)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.device.type == "cpu"]
+    ranges = _read_only_ranges() if trainable else []
+    for name, p in trainable:
+        ptr = p.data_ptr()
+        if any(start <= ptr < end for start, end in ranges):
+            raise TrainError(f"parameter {name} is a view of a read-only memory-mapped file (float32 GGUF weights "
+                             "are): copy it first with camelid.train.loop.make_trainable_copy(model)")
+
+
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each block's activations in backward instead of keeping them (torch.utils.checkpoint,
     use_reentrant=False). Patches the blocks' forward, so parameter names and FSDP2 units are unchanged."""
@@ -366,6 +394,7 @@ def train(
         chosen = {id(p) for p in trainable}
         for p in model.parameters():
             p.requires_grad_(id(p) in chosen)
+    _check_writable(model)
     total = total_steps(cfg, batches)
     precision = resolve_precision(cfg.precision, ctx.device)
     if cfg.activation_checkpointing:
@@ -390,8 +419,7 @@ def train(
     was_training = model.training
     model.train()
     history: list[dict] = []
-    loss = val_loss = math.nan
-    last_val = None
+    loss, last_val = math.nan, None
     ckpt_path = found or out / checkpoint.CHECKPOINT
     try:
         while step < total:
@@ -450,8 +478,7 @@ def train(
             bar.close()
         if metrics is not None:
             metrics.close()
-    val_loss = last_val
-    return TrainResult(steps=step, loss=loss, val_loss=val_loss, tokens=tokens, elapsed_s=elapsed, out_dir=out,
+    return TrainResult(steps=step, loss=loss, val_loss=last_val, tokens=tokens, elapsed_s=elapsed, out_dir=out,
                        metrics_path=out / "metrics.jsonl", checkpoint_path=ckpt_path, history=history)
 
 
