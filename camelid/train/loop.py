@@ -429,7 +429,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             counts = torch.tensor([sum(int((b.targets != -100).sum()) for b in micro),
-                                   sum(b.tokens.numel() for b in micro)], dtype=torch.float64, device=ctx.device)
+                                   sum(_n_tokens(b) for b in micro)], dtype=torch.float64, device=ctx.device)
             all_reduce_sum(counts, ctx)
             n_targets, n_tokens = max(int(counts[0]), 1), int(counts[1])
             loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
@@ -450,7 +450,7 @@ def train(
             targets_seen += int(counts[0])
             dt = time.perf_counter() - t0
             elapsed += dt
-            record = {"step": step, "epoch": getattr(batches, "epoch", None), "loss": loss, "lr": lr,
+            record = {"step": step, "epoch": _epoch(batches), "loss": loss, "lr": lr,
                       "grad_norm": grad_norm, "tokens": tokens, "targets": targets_seen,
                       "tokens_per_s": n_tokens / max(dt, 1e-9), "elapsed_s": round(elapsed, 3)}
             if val_batches is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
@@ -480,6 +480,17 @@ def train(
             metrics.close()
     return TrainResult(steps=step, loss=loss, val_loss=last_val, tokens=tokens, elapsed_s=elapsed, out_dir=out,
                        metrics_path=out / "metrics.jsonl", checkpoint_path=ckpt_path, history=history)
+
+
+def _n_tokens(batch) -> int:
+    """Tokens of `batch` that are not padding (its n_tokens when it counts them), else all of its positions."""
+    return getattr(batch, "n_tokens", 0) or batch.tokens.numel()
+
+
+def _epoch(batches) -> float | int | None:
+    """Epochs consumed: the fractional `epochs_done` where the data gives it, else its `epoch`."""
+    done = getattr(batches, "epochs_done", None)
+    return round(done, 4) if done is not None else getattr(batches, "epoch", None)
 
 
 def _check_same_weights(model: nn.Module, ctx: DistContext) -> None:
