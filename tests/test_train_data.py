@@ -421,6 +421,10 @@ def test_a_packed_row_gives_each_sample_the_logits_it_has_alone():
                 assert not torch.allclose(plain[b, where], alone, atol=1e-3)  # the mask is what makes it so
                 checked += 1
     assert checked >= 2
+    # and it trains: the masked attention has a gradient, finite even at the padding's own segment
+    logits = model(batch.tokens, batch.positions, segments=batch.segments)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def test_segments_need_whole_sequences():
