@@ -27,3 +27,7 @@ class SamplingError(CamelidError, ValueError):
 
 class StoreError(CamelidError):
     """Fetching, verifying or removing a model in the store failed."""
+
+
+class DataError(CamelidError, ValueError):
+    """A training data file or record that cannot be used (named by FILE:LINE where there is one)."""

@@ -73,7 +73,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.wqkv: nn.Module | None = None  # the fast path's fused [wq; wk; wv] (camelid/loader.py), one product
 
-    def forward(self, x, cos, sin, positions, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, positions, cache: KVCache | None, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, E = self.n_heads, self.n_kv_heads, self.head_dim
         if self.wqkv is not None:  # one product, and Q and K rotated together
@@ -85,9 +85,9 @@ class Attention(nn.Module):
             v = self.wv(x)
         v = v.view(B, T, K, E)
 
-        if cache is None:  # whole sequences from position 0: plain causal attention
+        if cache is None:  # whole sequences: causal, or the given mask [B,1,T,T] (packed samples)
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B,H|K,T,E]
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         else:
             k, v, mask = cache.update(self.layer, positions, k, v)  # [B,K,S,E], mask [B,1,T,S] or None: causal
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None,
@@ -120,8 +120,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, positions, cache) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, positions, cache)
+    def forward(self, x, cos, sin, positions, cache, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, positions, cache, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -162,20 +162,29 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits_at: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens [B,T] -> logits [B,T,V], or [B,1,V] at index logits_at[b] of each row.
 
         positions [B,T] give each token's position (default 0..T-1); with a cache, keys and values are
         written at those positions and each token attends to every cached position up to its own.
+        segments [B,T] (training on packed rows, no cache): each token's sample id within its row; a token
+        attends only to earlier tokens of its own sample (positions then restart at 0 at each sample).
         """
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         cos, sin = rope_tables(positions, self.inv_freq)  # [B,T,1,E]
+        mask = None
+        if segments is not None:  # block-diagonal causal: same sample and key index <= query index
+            if cache is not None:
+                raise ValueError("segments (packed samples) need whole sequences, not a KV cache")
+            causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()  # [T,T]
+            mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]  # [B,1,T,T]
 
         x = self.tok_embeddings(tokens)  # [B,T,D]
         for layer in self.layers:
-            x = layer(x, cos, sin, positions, cache)
+            x = layer(x, cos, sin, positions, cache, mask)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # [B,1,D]
         return self.output(self.norm(x)).float()
