@@ -1,4 +1,10 @@
-"""camelid-quantized Hugging Face folders: weight-only int8 / int4 linears in safetensors.
+"""Hugging Face folders written by camelid: float (f32 / f16 / bf16) Llama folders that transformers loads,
+and camelid-quantized folders with weight-only int8 / int4 linears in safetensors.
+
+Float folders (write_hf_folder, write_float_folder): config.json (LlamaForCausalLM), generation_config.json,
+tokenizer.json + tokenizer_config.json, model.safetensors in HF tensor names; a tied output layer is not stored.
+
+Quantized folders (write_quantized_folder):
 
 The folder is an ordinary Llama folder (config.json, tokenizer files, model.safetensors in HF tensor names)
 in which each linear layer's `X.weight` is replaced by:
@@ -23,10 +29,14 @@ from pathlib import Path
 
 import torch
 
-from . import Checkpoint
+from ..config import ModelConfig
+from ..tokenizer import Tokenizer
+from . import Checkpoint, LazyTensor
 from .hf import NAMES, QUANT_METHOD
 
 TYPES = ("int8", "int4")
+FLOAT_TYPES = {"f32": torch.float32, "float32": torch.float32, "f16": torch.float16, "float16": torch.float16,
+               "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 INT4_GROUP = 32
 _HF_NAME = {c: h for h, c in NAMES.items()}
 _FLOAT = {"BF16": torch.bfloat16, "bfloat16": torch.bfloat16, "F16": torch.float16, "float16": torch.float16}
@@ -58,10 +68,10 @@ def quantize_linear(w: torch.Tensor, bits: int) -> dict[str, torch.Tensor] | Non
             "zeros": q.zero.float().contiguous()}
 
 
-def _config_json(ckpt: Checkpoint, bits: int, float_dtype: torch.dtype) -> dict:
-    cfg, tok = ckpt.config, ckpt.tokenizer
+def config_dict(cfg: ModelConfig, tok: Tokenizer, float_dtype: torch.dtype) -> dict:
+    """config.json of a Llama folder (LlamaForCausalLM) for `cfg`, without quantization_config."""
     rs = cfg.rope_scaling
-    out = {
+    return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
         "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
@@ -73,15 +83,22 @@ def _config_json(ckpt: Checkpoint, bits: int, float_dtype: torch.dtype) -> dict:
         "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
         "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
         "torch_dtype": str(float_dtype).removeprefix("torch."),
-        "quantization_config": {"quant_method": QUANT_METHOD, "bits": bits,
-                                "group_size": INT4_GROUP if bits == 4 else -1},  # -1: per row
     }
+
+
+def _config_json(ckpt: Checkpoint, bits: int, float_dtype: torch.dtype) -> dict:
+    out = config_dict(ckpt.config, ckpt.tokenizer, float_dtype)
+    out["quantization_config"] = {"quant_method": QUANT_METHOD, "bits": bits,
+                                  "group_size": INT4_GROUP if bits == 4 else -1}  # -1: per row
     return out
 
 
 def _tokenizer_files(ckpt: Checkpoint, folder: Path) -> None:
+    tokenizer_files(ckpt.tokenizer, ckpt.config.max_seq_len, folder)
+
+
+def tokenizer_files(tok: Tokenizer, max_seq_len: int, folder: Path) -> None:
     """tokenizer.json (the camelid tokenizer's own backend), tokenizer_config.json, generation_config.json."""
-    tok = ckpt.tokenizer
     spec = json.loads(tok.backend.to_str())
     decoder = json.dumps(spec.get("decoder"))
     if tok.strip_leading_space and '"Strip"' not in decoder and '"Metaspace"' not in decoder:
@@ -94,7 +111,7 @@ def _tokenizer_files(ckpt: Checkpoint, folder: Path) -> None:
     name = lambda i: tok.backend.id_to_token(i) if i is not None else None  # noqa: E731
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": bool(tok.add_bos),
                   "add_eos_token": False, "bos_token": name(tok.bos_id), "eos_token": name(tok.eos_id),
-                  "clean_up_tokenization_spaces": False, "model_max_length": ckpt.config.max_seq_len}
+                  "clean_up_tokenization_spaces": False, "model_max_length": max_seq_len}
     if tok.chat_template:
         tok_config["chat_template"] = tok.chat_template
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=1, ensure_ascii=False), encoding="utf-8")
@@ -152,3 +169,72 @@ def write_quantized_folder(ckpt: Checkpoint, out: str | os.PathLike, kind: str,
     size = sum(f.stat().st_size for f in out.iterdir())
     return {"path": str(out), "format": "hf", "type": kind, "group_size": INT4_GROUP if bits == 4 else "row",
             "linears_kept_float": kept_float, "bytes": size}
+
+
+def parse_float_type(name: str | torch.dtype) -> torch.dtype:
+    """torch dtype for "f32" | "f16" | "bf16" (or their long names, or a torch dtype); ValueError otherwise."""
+    if isinstance(name, torch.dtype) and name in FLOAT_TYPES.values():
+        return name
+    if name not in FLOAT_TYPES:
+        raise ValueError(f"float type must be one of f32, f16, bf16, got {name!r}")
+    return FLOAT_TYPES[name]
+
+
+def write_hf_folder(config: ModelConfig, tokenizer: Tokenizer, tensors: dict[str, torch.Tensor | LazyTensor],
+                    out: str | os.PathLike, dtype: str | torch.dtype = "f32", overwrite: bool = False,
+                    progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Write a float Hugging Face Llama folder that transformers' AutoModelForCausalLM and AutoTokenizer load.
+
+    `tensors` are float weights (tensors or LazyTensors) in camelid's canonical names and rotate-half Q/K order,
+    e.g. a fully fine-tuned model's state_dict(); `tokenizer` is the base's camelid Tokenizer (its tokenizer.json,
+    chat template, BOS/EOS and stop ids are written). dtype: f32, f16 or bf16. The folder holds config.json,
+    generation_config.json, tokenizer.json, tokenizer_config.json and model.safetensors; it appears at `out`
+    only when complete (overwrite=True replaces an existing `out`). A summary dict.
+    """
+    from safetensors.torch import save_file
+
+    dt = parse_float_type(dtype)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists")
+    names = [n for n in tensors if not (config.tie_embeddings and n == "output.weight")]
+    hf_names = {}
+    for name in names:
+        try:
+            hf_names[name] = hf_name(name)
+        except KeyError:
+            raise ValueError(f"tensor {name!r} is not a Llama weight camelid knows") from None
+    missing = {"tok_embeddings.weight", "norm.weight"} - set(names)
+    if missing:
+        raise ValueError(f"missing tensors: {', '.join(sorted(missing))}")
+    tmp = out.with_name(out.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        state: dict[str, torch.Tensor] = {}
+        for i, name in enumerate(names):
+            t = tensors[name]
+            w = t.load() if isinstance(t, LazyTensor) else t.detach()
+            state[hf_names[name]] = w.to(device="cpu", dtype=dt).contiguous()
+            if progress:
+                progress(name, i + 1, len(names))
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config_dict(config, tokenizer, dt), indent=1), encoding="utf-8")
+        tokenizer_files(tokenizer, config.max_seq_len, tmp)
+        if overwrite and out.is_dir():
+            shutil.rmtree(out)
+        elif overwrite and out.exists():
+            out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(f.stat().st_size for f in out.iterdir())
+    return {"path": str(out), "format": "hf", "type": str(dt).removeprefix("torch."), "bytes": size}
+
+
+def write_float_folder(ckpt: Checkpoint, out: str | os.PathLike, dtype: str | torch.dtype | None = None,
+                       overwrite: bool = False, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """`ckpt` as a float Hugging Face folder (see write_hf_folder); dtype None: the source's float precision
+    (bf16 / f16 when its embedding is stored so, else float32)."""
+    return write_hf_folder(ckpt.config, ckpt.tokenizer, ckpt.tensors, out, dtype or _float_dtype(ckpt), overwrite, progress)
