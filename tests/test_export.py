@@ -262,3 +262,61 @@ def test_write_hf_folder_from_a_state_dict(tmp_path, base):
         write_hf_folder(ckpt.config, ckpt.tokenizer, state, tmp_path / "full", "bf16")
     with pytest.raises(ValueError, match="float type"):
         write_hf_folder(ckpt.config, ckpt.tokenizer, state, tmp_path / "other", "q4_0")
+
+
+# --- the real default model (Q4_1 GGUF, tied embeddings) -----------------------------------------------
+
+
+def default_adapter(ckpt, r: int = 4, seed: int = 0) -> Adapter:
+    """A random adapter over every block linear of `ckpt`, small enough that the model still speaks."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = {}
+    for name, t in ckpt.tensors.items():
+        module = name.removesuffix(".weight")
+        if module.split(".", 2)[-1] in {cam for cam, _ in TARGETS.values()}:
+            out, inp = t.shape
+            pairs[module] = (torch.randn(r, inp, generator=g) / math.sqrt(inp), torch.randn(out, r, generator=g) * 0.03)
+    return Adapter(r=r, alpha=2.0 * r, pairs=pairs)
+
+
+@pytest.mark.slow
+def test_default_model_exports(tmp_path, default_model_path):
+    transformers = pytest.importorskip("transformers")
+    ckpt = read(default_model_path)
+    adapter = default_adapter(ckpt)
+    assert len(adapter.pairs) == 7 * ckpt.config.n_layers
+    text = "The capital of France is"
+    ids = ckpt.tokenizer.encode(text, bos=True)
+    ours = unmerged_logits(default_model_path, adapter, ids)
+    assert rel(camelid_logits(ckpt, ids), ours) > 0.01  # the adapter changes the logits
+
+    folder = tmp_path / "smol-hf"
+    camelid.export(ckpt, adapter, "hf", folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor([ids])).logits[0].numpy()
+    assert rel(theirs, ours) < 1e-4
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    assert tok(text)["input_ids"] == ids
+    messages = [{"role": "user", "content": "Hi there"}]
+    llm = camelid.LLM(build_model(ckpt), ckpt)
+    assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
+        ckpt.tokenizer.decode(llm.encode_chat(messages), special=True)
+    del model
+
+    lora = tmp_path / "smol-lora.gguf"
+    camelid.export(ckpt, adapter, "gguf-lora", lora)
+    base_llm = llama(default_model_path)
+    with_lora, plain = llama_logits(llama(default_model_path, lora=lora), ids), llama_logits(base_llm, ids)
+    assert (with_lora.argmax(-1) == ours.argmax(-1)).mean() >= 0.8
+    assert rel(with_lora, ours) < 0.1
+    # the adapter's effect as llama.cpp applies it is camelid's (the quantization noise of both mostly cancels)
+    effect = np.corrcoef((with_lora - plain).ravel(), (ours - camelid_logits(ckpt, ids)).ravel())[0, 1]
+    assert effect > 0.8
+    merged = tmp_path / "smol-merged-q8_0.gguf"
+    camelid.export(ckpt, adapter, "gguf", merged, type="q8_0")
+    on_merged = llama_logits(llama(merged), ids)
+    assert (on_merged.argmax(-1) == ours.argmax(-1)).mean() >= 0.8 and rel(on_merged, ours) < 0.1
+    print(f"correlation of the adapter's effect {effect:.4f}; "
+          f"rel. max logit difference: llama.cpp Q4_1 base + GGUF LoRA {rel(with_lora, ours):.4f}, "
+          f"llama.cpp merged Q8_0 {rel(on_merged, ours):.4f}, transformers merged HF {rel(theirs, ours):.2e}")
