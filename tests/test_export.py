@@ -162,8 +162,28 @@ def test_cli_errors(tmp_path, base, adapter_dir, capsys):
     assert "source model itself" in capsys.readouterr().err
     assert main(["export", str(base), "--adapter", str(adapter_dir), "--to", "gguf", "--out", str(existing),
                  "--force", "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
     assert summary["type"] == "F16" and existing.read_bytes()[:4] == b"GGUF"
+    n = len(read(base).tensors)
+    assert f"writing gguf: 100.0% {n} tensors / {n} tensors" in captured.err  # the progress bar's last line
+
+
+def test_tied_base_to_hf_in_transformers(tmp_path):
+    """A tied output layer (as SmolLM2's) is not stored; transformers ties it and gives camelid's logits."""
+    transformers = pytest.importorskip("transformers")
+    spec = Spec(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=128, tied=True)
+    src = tmp_path / "tied.gguf"
+    write_gguf(src, spec, vocab_with_merges())
+    adapter = random_adapter(spec, seed=5)
+    camelid.export(src, adapter, "hf", tmp_path / "hf", type="f32")
+    from safetensors import safe_open
+
+    assert "lm_head.weight" not in safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt").keys()
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor([IDS])).logits[0].numpy()
+    assert rel(theirs, unmerged_logits(src, adapter)) < 1e-5
 
 
 # --- merged GGUF in llama.cpp -------------------------------------------------------------------------
