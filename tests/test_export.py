@@ -270,8 +270,7 @@ def test_write_hf_folder_from_a_state_dict(tmp_path, base):
     from camelid.formats.hf_write import write_hf_folder
 
     ckpt = read(base)
-    model = build_model(ckpt)
-    state = {k: v for k, v in model.state_dict().items() if k in ckpt.tensors}
+    state = build_model(ckpt).state_dict()
     summary = write_hf_folder(ckpt.config, ckpt.tokenizer, state, tmp_path / "full", "bf16")
     assert summary["type"] == "bfloat16"
     back = read(tmp_path / "full")
@@ -282,6 +281,13 @@ def test_write_hf_folder_from_a_state_dict(tmp_path, base):
         write_hf_folder(ckpt.config, ckpt.tokenizer, state, tmp_path / "full", "bf16")
     with pytest.raises(ValueError, match="float type"):
         write_hf_folder(ckpt.config, ckpt.tokenizer, state, tmp_path / "other", "q4_0")
+    partial = {k: v for k, v in state.items() if k != "layers.1.feed_forward.w2.weight"}
+    with pytest.raises(ValueError, match="missing layers.1.feed_forward.w2.weight"):
+        write_hf_folder(ckpt.config, ckpt.tokenizer, partial, tmp_path / "other")
+    with pytest.raises(ValueError, match="'layers.0.attention.wq.lora_A' is not a Llama weight"):
+        write_hf_folder(ckpt.config, ckpt.tokenizer, {**state, "layers.0.attention.wq.lora_A": state["norm.weight"]},
+                        tmp_path / "other")
+    assert not (tmp_path / "other").exists()
 
 
 # --- the real default model (Q4_1 GGUF, tied embeddings) -----------------------------------------------

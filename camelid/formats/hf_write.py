@@ -204,9 +204,13 @@ def write_hf_folder(config: ModelConfig, tokenizer: Tokenizer, tensors: dict[str
             hf_names[name] = hf_name(name)
         except KeyError:
             raise ValueError(f"tensor {name!r} is not a Llama weight camelid knows") from None
-    missing = {"tok_embeddings.weight", "norm.weight"} - set(names)
-    if missing:
-        raise ValueError(f"missing tensors: {', '.join(sorted(missing))}")
+    expected = {"tok_embeddings.weight", "norm.weight", *(() if config.tie_embeddings else ("output.weight",))}
+    expected |= {c.replace("{i}", str(i)) for c in NAMES.values() if "{i}" in c for i in range(config.n_layers)}
+    missing = sorted(expected - set(names))
+    if missing or len(names) != len(expected):
+        extra = sorted(set(names) - expected)
+        raise ValueError(f"tensors do not match the config: missing {', '.join(missing[:3]) or 'none'}, "
+                         f"unexpected {', '.join(extra[:3]) or 'none'}")
     tmp = out.with_name(out.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
