@@ -31,15 +31,18 @@ SPEC = Spec(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, context
 IDS = [256, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33, 32, 84, 104, 101, 32, 99, 97, 116]
 
 
-def require_llama_cpp():
-    """llama_cpp, or a skip; a FAILURE when CAMELID_REQUIRE_LLAMA_CPP=1 (the lead's conftest helper, local for now)."""
-    try:
-        import llama_cpp
-    except ImportError as e:
-        if os.environ.get("CAMELID_REQUIRE_LLAMA_CPP") == "1":
-            pytest.fail(f"llama-cpp-python is expected (CAMELID_REQUIRE_LLAMA_CPP=1) but cannot be imported: {e}")
-        pytest.skip(f"llama-cpp-python not installed ({e})")
-    return llama_cpp
+try:  # the shared rule (tests/conftest.py on main); the same rule here until this branch has it
+    from conftest import require_llama_cpp
+except ImportError:
+    def require_llama_cpp():
+        """llama_cpp, or a skip; a FAILURE when CAMELID_REQUIRE_LLAMA_CPP=1 and it cannot be imported."""
+        try:
+            import llama_cpp
+        except ImportError as e:
+            if os.environ.get("CAMELID_REQUIRE_LLAMA_CPP") == "1":
+                pytest.fail(f"llama-cpp-python is expected (CAMELID_REQUIRE_LLAMA_CPP=1) but cannot be imported: {e}")
+            pytest.skip(f"llama-cpp-python not installed ({e})")
+        return llama_cpp
 
 
 def vocab_with_merges():
@@ -167,6 +170,10 @@ def test_cli_errors(tmp_path, base, adapter_dir, capsys):
     assert summary["type"] == "F16" and existing.read_bytes()[:4] == b"GGUF"
     n = len(read(base).tensors)
     assert f"writing gguf: 100.0% {n} tensors / {n} tensors" in captured.err  # the progress bar's last line
+    lora = tmp_path / "a.gguf"
+    assert main(["export", str(base), "--adapter", str(adapter_dir), "--to", "gguf-lora", "--out", str(lora)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"wrote {lora} (gguf-lora F32") and "writing gguf-lora: 100.0%" in captured.err
 
 
 def test_tied_base_to_hf_in_transformers(tmp_path):
