@@ -278,12 +278,22 @@ def test_write_hf_folder_from_a_state_dict(tmp_path, base):
 
     ckpt = read(base)
     state = build_model(ckpt).state_dict()
-    summary = write_hf_folder(ckpt.config, ckpt.tokenizer, state, tmp_path / "full", "bf16")
+    summary = write_hf_folder(ckpt.config, ckpt.tokenizer, state, tmp_path / "full", "bf16", shard_bytes=20_000)
     assert summary["type"] == "bfloat16"
+    files = sorted(f.name for f in (tmp_path / "full").glob("*.safetensors"))
+    assert len(files) > 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((tmp_path / "full" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(files) and len(index["weight_map"]) == len(ckpt.tensors)
     back = read(tmp_path / "full")
     assert back.config == ckpt.config
     w = back.tensors["layers.1.attention.wk.weight"].load()
     torch.testing.assert_close(w.float(), state["layers.1.attention.wk.weight"].to(torch.bfloat16).float())
+    transformers = pytest.importorskip("transformers")  # the sharded folder loads in transformers too
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "full", dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor([IDS])).logits[0].numpy()
+    bf16 = camelid_logits(read(tmp_path / "full"))
+    assert rel(theirs, bf16) < 1e-5
     with pytest.raises(FileExistsError):
         write_hf_folder(ckpt.config, ckpt.tokenizer, state, tmp_path / "full", "bf16")
     with pytest.raises(ValueError, match="float type"):

@@ -38,6 +38,7 @@ TYPES = ("int8", "int4")
 FLOAT_TYPES = {"f32": torch.float32, "float32": torch.float32, "f16": torch.float16, "float16": torch.float16,
                "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 INT4_GROUP = 32
+SHARD_BYTES = 4 << 30  # float folders: safetensors shards of about this size (transformers' own default is 5 GB)
 _HF_NAME = {c: h for h, c in NAMES.items()}
 _FLOAT = {"BF16": torch.bfloat16, "bfloat16": torch.bfloat16, "F16": torch.float16, "float16": torch.float16}
 
@@ -182,14 +183,16 @@ def parse_float_type(name: str | torch.dtype) -> torch.dtype:
 
 def write_hf_folder(config: ModelConfig, tokenizer: Tokenizer, tensors: dict[str, torch.Tensor | LazyTensor],
                     out: str | os.PathLike, dtype: str | torch.dtype = "f32", overwrite: bool = False,
-                    progress: Callable[[str, int, int], None] | None = None) -> dict:
+                    progress: Callable[[str, int, int], None] | None = None, shard_bytes: int = SHARD_BYTES) -> dict:
     """Write a float Hugging Face Llama folder that transformers' AutoModelForCausalLM and AutoTokenizer load.
 
     `tensors` are float weights (tensors or LazyTensors) in camelid's canonical names and rotate-half Q/K order,
     e.g. a fully fine-tuned model's state_dict(); `tokenizer` is the base's camelid Tokenizer (its tokenizer.json,
     chat template, BOS/EOS and stop ids are written). dtype: f32, f16 or bf16. The folder holds config.json,
-    generation_config.json, tokenizer.json, tokenizer_config.json and model.safetensors; it appears at `out`
-    only when complete (overwrite=True replaces an existing `out`). A summary dict.
+    generation_config.json, tokenizer.json, tokenizer_config.json and model.safetensors (or, past shard_bytes,
+    model-0000K-of-0000N.safetensors shards with model.safetensors.index.json, as transformers writes them, so
+    memory holds one shard at a time); it appears at `out` only when complete (overwrite=True replaces an
+    existing `out`). A summary dict.
     """
     from safetensors.torch import save_file
 
@@ -215,14 +218,21 @@ def write_hf_folder(config: ModelConfig, tokenizer: Tokenizer, tensors: dict[str
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        shards: list[list[str]] = []  # HF names per shard file; a shard is written when it reaches shard_bytes
         state: dict[str, torch.Tensor] = {}
+        size = 0
         for i, name in enumerate(names):
             t = tensors[name]
             w = t.load() if isinstance(t, LazyTensor) else t.detach()
             state[hf_names[name]] = w.to(device="cpu", dtype=dt).contiguous()
+            size += state[hf_names[name]].nbytes
+            if size >= shard_bytes or i == len(names) - 1:
+                shards.append(list(state))
+                save_file(state, str(tmp / f"shard-{len(shards)}.safetensors"), metadata={"format": "pt"})
+                state, size = {}, 0
             if progress:
                 progress(name, i + 1, len(names))
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _name_shards(tmp, shards)
         (tmp / "config.json").write_text(json.dumps(config_dict(config, tokenizer, dt), indent=1), encoding="utf-8")
         tokenizer_files(tokenizer, config.max_seq_len, tmp)
         if overwrite and out.is_dir():
@@ -235,6 +245,21 @@ def write_hf_folder(config: ModelConfig, tokenizer: Tokenizer, tensors: dict[str
         raise
     size = sum(f.stat().st_size for f in out.iterdir())
     return {"path": str(out), "format": "hf", "type": str(dt).removeprefix("torch."), "bytes": size}
+
+
+def _name_shards(folder: Path, shards: list[list[str]]) -> None:
+    """shard-K.safetensors -> model.safetensors (one shard) or model-0000K-of-0000N.safetensors + the index."""
+    if len(shards) == 1:
+        os.replace(folder / "shard-1.safetensors", folder / "model.safetensors")
+        return
+    weight_map, total = {}, 0
+    for k, keys in enumerate(shards, 1):
+        final = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(folder / f"shard-{k}.safetensors", folder / final)
+        total += (folder / final).stat().st_size
+        weight_map.update({key: final for key in keys})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1), encoding="utf-8")
 
 
 def write_float_folder(ckpt: Checkpoint, out: str | os.PathLike, dtype: str | torch.dtype | None = None,
