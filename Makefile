@@ -28,26 +28,35 @@ setup: $(VENV)/.installed
 run: setup
 	$(BIN)/camelid run "$(PROMPT)"
 
-test: setup $(VENV)/.browser
-	$(BIN)/python -m pytest -q
+# the llama.cpp peer for the interop tests (GGUF that camelid writes must load in llama.cpp): a portable build for any
+# x86-64 CPU, compiled once (minutes) into ~/.cache/camelid/wheels and reused by every later clone and .venv
+$(VENV)/.llama-cpp: scripts/llama-cpp-peer.sh | $(VENV)/.installed
+	scripts/llama-cpp-peer.sh $(BIN)/pip portable
+	touch $@
 
-test-fast: setup $(VENV)/.browser
-	$(BIN)/python -m pytest -q -m "not slow"
+# CAMELID_REQUIRE_LLAMA_CPP=1: a llama.cpp test fails, not skips, when the peer is missing
+test: setup $(VENV)/.browser $(VENV)/.llama-cpp
+	CAMELID_REQUIRE_LLAMA_CPP=1 $(BIN)/python -m pytest -q
+
+test-fast: setup $(VENV)/.browser $(VENV)/.llama-cpp
+	CAMELID_REQUIRE_LLAMA_CPP=1 $(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check camelid tests bench
 
 # llama.cpp for the comparison, built for this CPU's AVX-512 without AMX (its AMX build crashes on our machines);
-# override LLAMA_CMAKE_ARGS on other CPUs
+# override LLAMA_CMAKE_ARGS on other CPUs. It replaces the portable test build in .venv (the tests pass on either).
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
 	-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
 $(VENV)/.bench: $(VENV)/.installed
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -e '.[bench]'
+	LLAMA_CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" scripts/llama-cpp-peer.sh $(BIN)/pip native server
+	$(BIN)/pip install --quiet -e '.[bench]'
 	touch $@
 
 # the README's performance figures: camelid and its peers on the default model, same file, same threads, one run
 bench: $(VENV)/.bench
+	LLAMA_CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" scripts/llama-cpp-peer.sh $(BIN)/pip native server  # cached: seconds
 	$(BIN)/camelid bench --vs llama.cpp --vs transformers
 
 clean:

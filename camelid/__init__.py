@@ -19,7 +19,7 @@ from .sampling import SamplingParams
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "export", "LLM", "SamplingParams", "CamelidError", "ContextLengthError", "FormatError",
+    "load", "finetune", "export", "LLM", "SamplingParams", "CamelidError", "ContextLengthError", "FormatError",
     "ModelNotFoundError", "SamplingError", "StoreError", "UnsupportedModelError", "__version__",
 ]
 
@@ -29,6 +29,13 @@ def load(name_or_path=None, **kwargs):
     from .api import load as _load
 
     return _load(name_or_path, **kwargs)
+
+
+def finetune(model=None, data="", out="", **kwargs):
+    """LoRA / QLoRA / full fine-tuning on your own data; see camelid.train.finetune.finetune."""
+    from .train.finetune import finetune as _finetune
+
+    return _finetune(model, data, out, **kwargs)
 
 
 def export(model=None, adapter=None, to="gguf", out=None, **kwargs):

@@ -18,7 +18,25 @@ def _model_and(args_list: list[str], what: str) -> tuple[str | None, str]:
         return None, args_list[0]
     if len(args_list) == 2:
         return args_list[0], args_list[1]
-    raise CamelidError(f"expected [MODEL] {what}, got {len(args_list)} arguments (quote the {what.lower()})")
+    shown = " ".join(repr(a) for a in args_list)
+    raise CamelidError(f"expected [MODEL] {what}, got {len(args_list)} arguments ({shown}): took {args_list[0]!r} as MODEL "
+                       f"and {args_list[1]!r} as {what}, and {len(args_list) - 2} more are left over; "
+                       f"quote a {what.lower()} of several words")
+
+
+def _resolve_positional(model: str | None, rest: str, what: str) -> Path:
+    """The store's path for MODEL; when MODEL came as the first of two positionals and is no model, the error says
+    how the line was read (`camelid run hello world` takes 'hello' as MODEL)."""
+    from .errors import ModelNotFoundError
+    from .store import resolve
+
+    try:
+        return resolve(model)
+    except ModelNotFoundError as e:
+        if model is None:
+            raise
+        hint = "MODEL comes first" if Path(rest).exists() else f"quote a {what.lower()} of several words"
+        raise ModelNotFoundError(f"{e} (took {model!r} as MODEL and {rest!r} as {what}; {hint})") from None
 
 
 def _sampling(args: argparse.Namespace, model_path: Path):
@@ -43,7 +61,7 @@ def _load(model: str | None, args: argparse.Namespace, sampling: bool = True):
 
     if getattr(args, "max_tokens", 0) < 0:
         raise CamelidError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    path = resolve(model)
+    path = model if isinstance(model, Path) else resolve(model)
     params = _sampling(args, path) if sampling else None
     if getattr(args, "threads", None) is not None:
         if args.threads < 1:
@@ -106,7 +124,7 @@ def cmd_rm(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     model, prompt = _model_and(args.args, "PROMPT")
-    llm, sampling = _load(model, args)
+    llm, sampling = _load(_resolve_positional(model, prompt, "PROMPT"), args)
     options = dict(max_tokens=args.max_tokens, sampling=sampling, stop=args.stop or ())
     if args.raw:
         generation = llm.start(llm.encode_prompt(prompt), **options)
@@ -175,10 +193,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
     from .formats import read
-    from .store import resolve
 
     model, text = _model_and(args.args, "TEXT")
-    tok = read(resolve(model)).tokenizer
+    tok = read(_resolve_positional(model, text, "TEXT")).tokenizer
     print(json.dumps(tok.encode(text, special=args.special, bos=args.bos)))
 
 
@@ -194,7 +211,7 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
         raise CamelidError(f"no such file: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise CamelidError(f"cannot read {path} as UTF-8 text: {e}") from None
-    llm, _ = _load(model, args, sampling=False)
+    llm, _ = _load(_resolve_positional(model, file, "FILE"), args, sampling=False)
     ids = llm.tokenizer.encode(text, special=False, bos=True)
     if len(ids) < 2:
         raise CamelidError(f"{path}: needs at least two tokens of text")
@@ -366,9 +383,9 @@ def _add_sampling(p: argparse.ArgumentParser, max_tokens: int = 512) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="camelid", description="Run, chat with and inspect LLaMA-family models.")
+    parser = _Parser(prog="camelid", description="Run, chat with and inspect LLaMA-family models.")
     parser.add_argument("--version", action="version", version=f"camelid {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     model_help = "store name or path to a model file/folder (default: smollm2-135m-instruct)"
 
@@ -450,12 +467,85 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(p)
     p.set_defaults(func=cmd_bench)
 
+    _add_finetune(sub)
+
     from .serve import add_arguments as serve_arguments  # flags only: the server's modules load on use
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
     serve_arguments(p)
     p.set_defaults(func=cmd_serve)
+    parser.commands = dict(sub.choices)  # name -> sub-parser, for parse_args' intermixed reading
     return parser
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    """LoRA / QLoRA / full fine-tuning: camelid.train.finetune with the flags as they are."""
+    import torch
+
+    from .train.finetune import finetune
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CamelidError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    r = finetune(args.model, args.data, args.out, method=args.method, steps=args.steps, epochs=args.epochs, lr=args.lr,
+                 rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=args.targets, use_rslora=args.rslora,
+                 seq_len=args.seq_len, batch_tokens=args.batch_tokens, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                 val=args.val, val_frac=args.val_frac, save_every=args.save_every, eval_every=args.eval_every,
+                 warmup_steps=args.warmup, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+                 seed=args.seed, resume=args.resume, train_on_prompt=args.train_on_prompt, skip_bad=args.skip_bad,
+                 pack=not args.no_pack, precision=args.precision, activation_checkpointing=args.grad_checkpoint,
+                 system=args.system)
+    what = "model" if r.method == "full" else "adapter"
+    val = f", validation loss {r.final_val_loss:.4f}" if r.final_val_loss is not None else ""
+    loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "-"
+    print(f"wrote the {what} to {r.out} ({r.steps} steps, loss {loss}{val}; metrics in {r.out / 'metrics.jsonl'})")
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="LoRA, QLoRA or full fine-tuning on your own data (JSONL chat, instruction or text)")
+    p.add_argument("model", nargs="?", default=None, help="store name or path of the base model (default: smollm2-135m-instruct)")
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help='JSONL of {"messages": [...]}, {"instruction", "input", "output"} or {"text"} records, or a .txt file')
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the adapter (peft format) or model, metrics.jsonl, checkpoint/")
+    p.add_argument("--method", choices=("lora", "qlora", "full"), default="lora",
+                   help="lora: float base; qlora: LoRA over the base kept quantized; full: every weight (default lora)")
+    g = p.add_argument_group("length")
+    g.add_argument("--steps", type=int, default=None, metavar="N", help="optimizer steps")
+    g.add_argument("--epochs", type=float, default=None, metavar="E", help="passes over the data (default 1, unless --steps)")
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4 for LoRA/QLoRA, 2e-5 for full)")
+    g.add_argument("--warmup", type=int, default=None, metavar="N", help="warmup steps before the cosine decay (default 10%%, at most 100)")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--max-grad-norm", type=float, default=1.0, metavar="X", help="gradient clipping (default 1.0)")
+    g.add_argument("--grad-accum", type=int, default=1, metavar="N", help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, default=8, metavar="R", help="LoRA rank (default 8)")
+    g.add_argument("--alpha", type=float, default=16.0, metavar="A", help="LoRA alpha; the scale is alpha/rank (default 16)")
+    g.add_argument("--dropout", type=float, default=0.05, metavar="P", help="LoRA dropout (default 0.05)")
+    g.add_argument("--targets", default=None, metavar="LIST",
+                   help="comma-separated of q,k,v,o,gate,up,down (default: all seven; never the output layer)")
+    g.add_argument("--rslora", action="store_true", help="rank-stabilised scale alpha/sqrt(rank)")
+    g = p.add_argument_group("data")
+    g.add_argument("--seq-len", type=int, default=512, metavar="N", help="tokens per sequence (default 512; longer records are an error)")
+    g.add_argument("--batch-tokens", type=int, default=None, metavar="N", help="tokens per micro-batch, packed (default: --seq-len)")
+    g.add_argument("--batch-size", type=int, default=None, metavar="N", help="sequences per micro-batch (instead of --batch-tokens)")
+    g.add_argument("--val", default=None, metavar="FILE", help="validation data, same kinds as --data")
+    g.add_argument("--val-frac", type=float, default=None, metavar="F", help="hold out this share of --data for validation")
+    g.add_argument("--train-on-prompt", action="store_true", help="also train on the prompt tokens (default: assistant turns only)")
+    g.add_argument("--skip-bad", action="store_true", help="skip (and count) bad or too-long records instead of stopping")
+    g.add_argument("--no-pack", action="store_true", help="one sample per row, padded (default: pack samples, no attention across them)")
+    g.add_argument("--system", default=None, metavar="TEXT", help="system prompt for records that have none")
+    g = p.add_argument_group("run")
+    g.add_argument("--save-every", type=int, default=None, metavar="N", help="checkpoint every N steps (default: at the end)")
+    g.add_argument("--eval-every", type=int, default=None, metavar="N", help="validation loss every N steps (default: 5 times a run)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly")
+    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 autocast where the CPU or GPU supports it, else float32")
+    g.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per block (less memory, more time)")
+    g.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads")
+    p.set_defaults(func=cmd_finetune)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -483,9 +573,32 @@ def cmd_serve(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
-def main(argv: list[str] | None = None) -> int:
+class _Parser(argparse.ArgumentParser):
+    """argparse with camelid's one-line errors: `camelid: error: ...` and exit status 2."""
+
+    def error(self, message: str):
+        command = self.prog.split(" ", 1)[1] if " " in self.prog else None
+        hint = f"camelid {command} --help" if command else "camelid --help"
+        self.exit(2, f"camelid: error: {message} (see {hint})\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options may come before, between or after a command's positional arguments (as in git, ollama, llama-cli):
+    the sub-command's parser reads its line with parse_intermixed_args."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = parser.commands
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if at is None or at > 0 or argv[at] not in commands:
+        return parser.parse_args(argv)  # --help, --version, a missing or unknown command: argparse says so
+    sub = commands[argv[at]]
+    args = sub.parse_intermixed_args(argv[at + 1 :])
+    args.command = argv[at]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         args.func(args)
     except CamelidError as e:

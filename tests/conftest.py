@@ -42,5 +42,17 @@ def isolated_home(tmp_path, monkeypatch) -> Path:
     return tmp_path / "home"
 
 
+def require_llama_cpp():
+    """The llama_cpp module (llama-cpp-python), the peer of the GGUF interop tests. `make test` installs it and sets
+    CAMELID_REQUIRE_LLAMA_CPP=1: then a missing peer FAILS the test; elsewhere (a bare pytest run) it skips."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        if os.environ.get("CAMELID_REQUIRE_LLAMA_CPP") == "1":
+            pytest.fail(f"llama-cpp-python is expected (CAMELID_REQUIRE_LLAMA_CPP=1) but cannot be imported: {e}")
+        pytest.skip(f"llama-cpp-python not installed ({e}); `make test` installs it")
+    return llama_cpp
+
+
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

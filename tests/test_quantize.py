@@ -13,6 +13,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import require_llama_cpp
 from gguf import GGMLQuantizationType as GQ
 from gguf_factory import Spec, byte_level_vocab, llama3_rope_factors, write_gguf
 
@@ -153,7 +154,7 @@ def test_rope_scaling_written_as_llama_cpp_factors(tmp_path, tiny_gguf):
 
 
 def _llama_cpp(path, n_ctx=128):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = require_llama_cpp()
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=1, seed=0)
 
 

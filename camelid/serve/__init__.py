@@ -15,6 +15,11 @@ import sys
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+# seconds an idle keep-alive connection stays open. Longer than common clients' pool idle time (httpx and the openai
+# client 5 s, aiohttp 15 s, Node 4-5 s), so the client always closes first: were the server to close a connection at
+# the moment a client reuses it, that request would fail with "Server disconnected without sending a response"
+# (uvicorn's own default is 5 s, the same as httpx's: a race). 75 s is nginx's default.
+DEFAULT_KEEP_ALIVE = 75
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="allow cross-origin requests from ORIGIN (repeatable; '*' for any). Off by default")
     parser.add_argument("--model-id", default=None, help="the model's name in the API (default: the store name or file stem)")
     parser.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    parser.add_argument("--keep-alive", type=float, default=DEFAULT_KEEP_ALIVE, metavar="S",
+                        help=f"seconds an idle keep-alive connection stays open (default {DEFAULT_KEEP_ALIVE}: longer than "
+                             "clients' pool idle time, so a reused connection is never closed under them)")
     parser.add_argument("--quant", choices=("auto", "int8", "int4"), default="auto",
                         help="weights at run time: auto keeps GGUF Q4_0/Q4_1/Q8_0 quantized (bf16 products); int8/int4 "
                              "quantize every linear layer at load (default auto)")
@@ -68,19 +76,23 @@ def build_state(model: str | None = None, api_key: str | None = None, max_concur
 
 
 def serve(model_path: str | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: str | None = None,
-          max_concurrency: int = 8, cors_origins: list[str] | None = None, log_level: str = "info", **options) -> None:
+          max_concurrency: int = 8, cors_origins: list[str] | None = None, log_level: str = "info",
+          keep_alive: float = DEFAULT_KEEP_ALIVE, **options) -> None:
     """Load a model and serve it until interrupted. options: max_queue, max_seq_len, max_tokens, max_body_bytes, model_id."""
     import uvicorn
 
+    from ..errors import CamelidError
     from .app import create_app
 
+    if keep_alive <= 0:
+        raise CamelidError(f"--keep-alive must be > 0 seconds, got {keep_alive:g}")
     state = build_state(model_path, api_key=api_key, max_concurrency=max_concurrency, **options)
     app = create_app(state, cors_origins)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"camelid: warning: serving on {host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     print(f"camelid: serving {state.model_id} on http://{host}:{port} ({max_concurrency} slots x "
           f"{state.limits.max_seq_len} tokens)", file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, timeout_keep_alive=keep_alive)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -91,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
         serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_concurrency=args.max_concurrency,
               cors_origins=args.cors_origin, log_level=args.log_level, max_queue=args.max_queue,
               max_seq_len=args.max_seq_len, max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes,
-              model_id=args.model_id, quant=None if args.reference else args.quant)
+              model_id=args.model_id, quant=None if args.reference else args.quant, keep_alive=args.keep_alive)
     except CamelidError as e:
         print(f"camelid: error: {e}", file=sys.stderr)
         return 1

@@ -7,4 +7,4 @@ from . import add_arguments, main
 
 parser = argparse.ArgumentParser(prog="camelid serve", description="Serve a model over an OpenAI-compatible HTTP API.")
 add_arguments(parser)
-sys.exit(main(parser.parse_args()))
+sys.exit(main(parser.parse_intermixed_args()))  # options before or after MODEL

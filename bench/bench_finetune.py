@@ -1,0 +1,188 @@
+"""Fine-tuning throughput and memory: camelid LoRA, QLoRA and full fine-tuning against transformers + peft (LoRA) and
+transformers alone (full), on the same model file, the same token ids and the same sequence length, in one run.
+
+    python bench/bench_finetune.py [MODEL] [--seq-len 256] [--steps 8] [--warmup 2] [--threads N] [--repeats 3] [--json]
+
+Every configuration runs in a process of its own (so peak RSS is its own) and trains `warmup + steps` optimizer
+steps of batch 1 x seq-len tokens with AdamW; tokens/s is the median over the measured steps (the warm-up steps are
+not counted), and each figure is the median over --repeats processes. All use LoRA r=8, alpha=16, dropout 0 on all
+seven block linears (q,k,v,o,gate,up,down). camelid runs the real `camelid.finetune` path (precision auto: bf16
+autocast where the CPU has it); transformers runs float32 (what a user gets by default on CPU) and, for LoRA, also
+bf16 autocast, so the comparison with the same arithmetic is in the table too.
+Not a test: it prints a table (and --json) and asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = ("camelid-lora", "camelid-qlora", "camelid-full", "peft-lora", "peft-lora-bf16", "transformers-full")
+TEXT = ("Llamas are domesticated South American camelids, widely used as meat and pack animals by Andean cultures "
+        "since the pre-Columbian era. They are social animals and live with others as a herd. Their wool is soft "
+        "and contains only a small amount of lanolin. Llamas can learn simple tasks after a few repetitions. When "
+        "using a pack, they can carry about 25 to 30 percent of their body weight for 8 to 13 km. ")
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _ids(path: str, seq_len: int, rows: int) -> list[list[int]]:
+    from camelid.formats import read
+
+    tok = read(path).tokenizer
+    ids = tok.encode(TEXT * (1 + seq_len * rows // 60), special=False, bos=False)
+    return [ids[i * seq_len:(i + 1) * seq_len] for i in range(rows)]
+
+
+def _worker_camelid(path: str, method: str, seq_len: int, steps: int, warmup: int) -> dict:
+    import camelid
+
+    ids = _ids(path, seq_len, steps + warmup)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data.jsonl"
+        from camelid.formats import read
+
+        tokenizer = read(path).tokenizer
+        # one record per row, decoded from the same ids (round trip checked): packing then gives one row per step
+        with data.open("w") as f:
+            for row in ids:
+                f.write(json.dumps({"text": tokenizer.decode(row[: seq_len - 2])}) + "\n")
+        out = Path(tmp) / "out"
+        camelid.finetune(path, data, out, method=method, steps=steps + warmup, seq_len=seq_len, batch_size=1,
+                         rank=8, alpha=16, dropout=0.0, lr=1e-4, warmup_steps=1, eval_every=10**6, progress=False)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    measured = rows[warmup:]
+    tps = statistics.median(r["tokens_per_s"] for r in measured)
+    return {"tokens_per_s": tps, "peak_rss_mb": _rss_mb(), "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"]}
+
+
+def _worker_transformers(path: str, method: str, seq_len: int, steps: int, warmup: int, bf16: bool = False) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    p = Path(path)
+    if p.is_file():
+        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                 "up_proj", "down_proj"]))
+    model.train()
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = _ids(path, seq_len, steps + warmup)
+    times, losses = [], []
+    for row in ids:
+        x = torch.tensor([row])
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+        losses.append(float(loss))
+    tps = statistics.median((seq_len - 1) / t for t in times[warmup:])
+    return {"tokens_per_s": tps, "peak_rss_mb": _rss_mb(), "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def worker(config: str, path: str, seq_len: int, steps: int, warmup: int) -> dict:
+    engine, method = config.split("-", 1)
+    if engine == "camelid":
+        return _worker_camelid(path, method, seq_len, steps, warmup)
+    return _worker_transformers(path, "lora" if method.startswith("lora") else "full", seq_len, steps, warmup,
+                                bf16=method.endswith("bf16"))
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> str:
+    try:
+        flags = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "-"
+    return ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags) or "none"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", nargs="?", default=None)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--path", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_intermixed_args()
+    threads = args.threads or min(os.cpu_count() or 1, 8)
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(threads)
+        print(json.dumps(worker(args.worker, args.path, args.seq_len, args.steps, args.warmup)))
+        return
+    from camelid.store import resolve
+
+    path = str(resolve(args.model))
+    results: dict[str, list[dict]] = {}
+    for rep in range(args.repeats):
+        for config in args.configs.split(","):  # interleaved, so drift in the machine's speed hits every config alike
+            print(f"[{rep + 1}/{args.repeats}] {config} ...", file=sys.stderr, flush=True)
+            cmd = [sys.executable, __file__, "--worker", config, "--path", path, "--seq-len", str(args.seq_len),
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(threads)]
+            r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            if r.returncode != 0:
+                print(f"{config} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}",
+                      file=sys.stderr)
+                continue
+            results.setdefault(config, []).append(json.loads(r.stdout.strip().splitlines()[-1]))
+    med = {c: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for c, rs in results.items()}
+    summary = {"cpu": _cpu(), "cpu_features": _cpu_flags(), "threads": threads, "seq_len": args.seq_len,
+               "steps": args.steps, "repeats": args.repeats, "model": path, "results": med}
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return
+    peer = {"camelid-lora": "peft-lora", "camelid-qlora": "peft-lora", "camelid-full": "transformers-full"}
+    print(f"CPU: {summary['cpu']} ({summary['cpu_features']}), {threads} threads; seq {args.seq_len}, batch 1, "
+          f"{args.steps} measured steps after {args.warmup}; medians of {args.repeats} processes\n")
+    print("| configuration | tokens/s | peak RSS MB | tokens/s vs peer | RSS vs peer | loss first -> last |")
+    print("|---|---|---|---|---|---|")
+    for c in CONFIGS:
+        if c not in med:
+            continue
+        m, p = med[c], med.get(peer.get(c, ""))
+        ratio = f"{m['tokens_per_s'] / p['tokens_per_s']:.2f}x" if p else "-"
+        rss = f"{m['peak_rss_mb'] / p['peak_rss_mb']:.2f}x" if p else "-"
+        print(f"| {c} | {m['tokens_per_s']:.1f} | {m['peak_rss_mb']:.0f} | {ratio} | {rss} | "
+              f"{m['loss_first']:.3f} -> {m['loss_last']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Options anywhere on the command line: before, between or after a command's positional arguments."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from camelid.cli import parse_args
+
+
+def _same(*lines: list[str]) -> None:
+    """Every line parses to the same namespace as the first."""
+    first = vars(parse_args(lines[0]))
+    for line in lines[1:]:
+        got = vars(parse_args(line))
+        assert got == first, (line, got, first)
+
+
+# (command line with options last, the same with options first, with options between)
+CASES = {
+    "run": (["run", "M", "Hi there", "--max-tokens", "5", "--raw", "--stop", "x"],
+            ["run", "--max-tokens", "5", "--raw", "--stop", "x", "M", "Hi there"],
+            ["run", "M", "--max-tokens", "5", "Hi there", "--raw", "--stop", "x"]),
+    "chat": (["chat", "M", "--system", "Be brief", "--temperature", "0.2"],
+             ["chat", "--system", "Be brief", "--temperature", "0.2", "M"],
+             ["chat", "--system", "Be brief", "M", "--temperature", "0.2"]),
+    "tokenize": (["tokenize", "M", "Hi", "--special", "--bos"],
+                 ["tokenize", "--special", "--bos", "M", "Hi"],
+                 ["tokenize", "M", "--special", "Hi", "--bos"]),
+    "perplexity": (["perplexity", "M", "f.txt", "--context", "64", "--json"],
+                   ["perplexity", "--context", "64", "--json", "M", "f.txt"],
+                   ["perplexity", "M", "--context", "64", "f.txt", "--json"]),
+    "quantize": (["quantize", "M", "--to", "q8_0", "--out", "o.gguf", "--no-eval"],
+                 ["quantize", "--to", "q8_0", "--out", "o.gguf", "--no-eval", "M"],
+                 ["quantize", "--to", "q8_0", "M", "--out", "o.gguf", "--no-eval"]),
+    "info": (["info", "M", "--json", "--template"], ["info", "--json", "--template", "M"], ["info", "--json", "M", "--template"]),
+    "bench": (["bench", "M", "--json", "--repeats", "1"], ["bench", "--json", "--repeats", "1", "M"],
+              ["bench", "--json", "M", "--repeats", "1"]),
+    "serve": (["serve", "M", "--port", "9", "--api-key", "k"], ["serve", "--port", "9", "--api-key", "k", "M"],
+              ["serve", "--port", "9", "M", "--api-key", "k"]),
+    "finetune": (["finetune", "M", "--data", "d.jsonl", "--out", "o", "--rank", "4", "--resume"],
+                 ["finetune", "--data", "d.jsonl", "--out", "o", "--rank", "4", "--resume", "M"],
+                 ["finetune", "--data", "d.jsonl", "M", "--out", "o", "--rank", "4", "--resume"]),
+    "pull": (["pull", "N", "--force"], ["pull", "--force", "N"], ["pull", "--force", "N"]),
+    "rm": (["rm", "N"], ["rm", "N"], ["rm", "N"]),
+    "list": (["list", "--json"], ["list", "--json"], ["list", "--json"]),
+}
+
+
+@pytest.mark.parametrize("command", sorted(CASES))
+def test_options_anywhere(command):
+    _same(*CASES[command])
+
+
+def test_every_command_is_covered():
+    from camelid.cli import build_parser
+
+    assert set(build_parser().commands) <= set(CASES) | {"finetune", "export", "eval", "train", "pretrain"}, \
+        "a new command needs its option-order case here"
+
+
+def test_positionals_are_read_in_order():
+    args = parse_args(["run", "--max-tokens", "3", "M", "--temperature", "0", "the prompt"])
+    assert args.args == ["M", "the prompt"] and args.max_tokens == 3 and args.temperature == 0
+
+
+def camelid(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "camelid", *args], capture_output=True, text=True, timeout=120)
+
+
+def _one_line(r: subprocess.CompletedProcess) -> str:
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("camelid: error:"), r.stderr
+    return lines[0]
+
+
+def test_too_many_positionals_say_how_the_line_was_read():
+    line = _one_line(camelid("run", "hello", "big", "world"))
+    assert "took 'hello' as MODEL and 'big' as PROMPT" in line and "quote" in line
+
+
+def test_a_word_taken_as_model_says_so(isolated_home):
+    line = _one_line(camelid("run", "hello", "world", "--max-tokens", "1"))
+    assert "took 'hello' as MODEL and 'world' as PROMPT" in line
+
+
+def test_model_after_text_says_model_comes_first(isolated_home, tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    line = _one_line(camelid("tokenize", "Hi", str(model)))
+    assert "took 'Hi' as MODEL" in line and "MODEL comes first" in line
+
+
+def test_parser_errors_are_one_line():
+    assert "invalid int value" in _one_line(camelid("run", "--max-tokens", "x", "hi"))
+    assert "required" in _one_line(camelid("run"))
+    assert "invalid choice" in _one_line(camelid("bogus"))
+
+
+def test_a_missing_llama_cpp_fails_when_it_is_expected(monkeypatch):
+    """`make test` sets CAMELID_REQUIRE_LLAMA_CPP=1: the interop tests must then fail, never skip, without the peer."""
+    from conftest import require_llama_cpp
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    monkeypatch.setenv("CAMELID_REQUIRE_LLAMA_CPP", "1")
+    with pytest.raises(pytest.fail.Exception, match="expected"):
+        require_llama_cpp()
+    monkeypatch.delenv("CAMELID_REQUIRE_LLAMA_CPP")
+    with pytest.raises(pytest.skip.Exception):
+        require_llama_cpp()
