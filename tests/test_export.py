@@ -273,37 +273,47 @@ def test_merged_hf_folder_in_transformers_and_peft(tmp_path, base, adapter_dir):
 
 
 def test_write_hf_folder_from_a_state_dict(tmp_path, base):
-    """The fully fine-tuned path: a plain state dict in camelid names, written in bf16, read back by camelid."""
+    """The fully fine-tuned path: a state dict in camelid names written into a run's folder, in bf16 shards,
+    read back by camelid and transformers; the run's other files stay, a second write leaves no stale shard."""
     from camelid.formats.hf_write import write_hf_folder
 
     ckpt = read(base)
-    state = build_model(ckpt).state_dict()
-    summary = write_hf_folder(ckpt.config, ckpt.tokenizer, state, tmp_path / "full", "bf16", shard_bytes=20_000)
-    assert summary["type"] == "bfloat16"
-    files = sorted(f.name for f in (tmp_path / "full").glob("*.safetensors"))
-    assert len(files) > 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
-    index = json.loads((tmp_path / "full" / "model.safetensors.index.json").read_text())
+    state = {k: v.clone() for k, v in build_model(ckpt).state_dict().items()}
+    state["layers.1.attention.wk.weight"] *= -2.0  # "fine-tuned"
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    wrapped = {k.replace("layers.0.", "layers.0._checkpoint_wrapped_module."): v for k, v in state.items()}
+    summary = write_hf_folder(ckpt, wrapped, run, "bf16", shard_bytes=20_000)
+    assert summary["type"] == "bfloat16" and summary["shards"] > 3
+    files = sorted(f.name for f in run.glob("*.safetensors"))
+    assert len(files) == summary["shards"] and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((run / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(files) and len(index["weight_map"]) == len(ckpt.tensors)
-    back = read(tmp_path / "full")
+    assert (run / "checkpoint").is_dir() and (run / "metrics.jsonl").read_text() == "{}\n"
+    back = read(run)
     assert back.config == ckpt.config
     w = back.tensors["layers.1.attention.wk.weight"].load()
     torch.testing.assert_close(w.float(), state["layers.1.attention.wk.weight"].to(torch.bfloat16).float())
     transformers = pytest.importorskip("transformers")  # the sharded folder loads in transformers too
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "full", dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = model(torch.tensor([IDS])).logits[0].numpy()
-    bf16 = camelid_logits(read(tmp_path / "full"))
-    assert rel(theirs, bf16) < 1e-5
-    with pytest.raises(FileExistsError):
-        write_hf_folder(ckpt.config, ckpt.tokenizer, state, tmp_path / "full", "bf16")
+    assert rel(theirs, camelid_logits(back)) < 1e-5
+
+    only_trained = {"layers.0.feed_forward.w2.weight": state["layers.0.feed_forward.w2.weight"] * 0.5}
+    write_hf_folder(ckpt, only_trained, run, "f32")  # one file now; the rest of the weights are the base's
+    assert sorted(f.name for f in run.glob("model*")) == ["model.safetensors"]
+    again = read(run)
+    torch.testing.assert_close(again.tensors["layers.0.feed_forward.w2.weight"].load(), only_trained["layers.0.feed_forward.w2.weight"])
+    torch.testing.assert_close(again.tensors["layers.1.attention.wk.weight"].load(), ckpt.tensors["layers.1.attention.wk.weight"].load())
+
     with pytest.raises(ValueError, match="float type"):
-        write_hf_folder(ckpt.config, ckpt.tokenizer, state, tmp_path / "other", "q4_0")
-    partial = {k: v for k, v in state.items() if k != "layers.1.feed_forward.w2.weight"}
-    with pytest.raises(ValueError, match="missing layers.1.feed_forward.w2.weight"):
-        write_hf_folder(ckpt.config, ckpt.tokenizer, partial, tmp_path / "other")
-    with pytest.raises(ValueError, match="'layers.0.attention.wq.lora_A' is not a Llama weight"):
-        write_hf_folder(ckpt.config, ckpt.tokenizer, {**state, "layers.0.attention.wq.lora_A": state["norm.weight"]},
-                        tmp_path / "other")
+        write_hf_folder(ckpt, state, tmp_path / "other", "q4_0")
+    with pytest.raises(ValueError, match="'layers.0.attention.wq.lora_A' is not a weight of the base"):
+        write_hf_folder(ckpt, {"layers.0.attention.wq.lora_A": state["norm.weight"]}, tmp_path / "other")
+    with pytest.raises(ValueError, match=r"norm.weight is \[3\], the base's is \[64\]"):
+        write_hf_folder(ckpt, {"norm.weight": torch.ones(3)}, tmp_path / "other")
     assert not (tmp_path / "other").exists()
 
 

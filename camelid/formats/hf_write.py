@@ -181,51 +181,61 @@ def parse_float_type(name: str | torch.dtype) -> torch.dtype:
     return FLOAT_TYPES[name]
 
 
-def write_hf_folder(config: ModelConfig, tokenizer: Tokenizer, tensors: dict[str, torch.Tensor | LazyTensor],
-                    out: str | os.PathLike, dtype: str | torch.dtype = "f32", overwrite: bool = False,
-                    progress: Callable[[str, int, int], None] | None = None, shard_bytes: int = SHARD_BYTES) -> dict:
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.", "module.")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _plain_name(name: str) -> str:
+    """A parameter name without the prefixes activation checkpointing, torch.compile or DDP add to modules."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def write_hf_folder(base: Checkpoint, tensors: dict[str, torch.Tensor | LazyTensor] | None, out: str | os.PathLike,
+                    dtype: str | torch.dtype | None = None, progress: Callable[[str, int, int], None] | None = None,
+                    shard_bytes: int = SHARD_BYTES) -> dict:
     """Write a float Hugging Face Llama folder that transformers' AutoModelForCausalLM and AutoTokenizer load.
 
-    `tensors` are float weights (tensors or LazyTensors) in camelid's canonical names and rotate-half Q/K order,
-    e.g. a fully fine-tuned model's state_dict(); `tokenizer` is the base's camelid Tokenizer (its tokenizer.json,
-    chat template, BOS/EOS and stop ids are written). dtype: f32, f16 or bf16. The folder holds config.json,
-    generation_config.json, tokenizer.json, tokenizer_config.json and model.safetensors (or, past shard_bytes,
-    model-0000K-of-0000N.safetensors shards with model.safetensors.index.json, as transformers writes them, so
-    memory holds one shard at a time); it appears at `out` only when complete (overwrite=True replaces an
-    existing `out`). A summary dict.
+    base: the checkpoint whose config and tokenizer (tokenizer.json, chat template, BOS/EOS, stop ids) are written.
+    tensors: float weights in camelid's canonical names (rotate-half Q/K rows), e.g. a fully fine-tuned model's
+        state_dict() or named parameters (wrapper prefixes such as activation checkpointing's are dropped); a
+        weight not given is the base's. None: the base's own weights.
+    dtype: f32, f16 or bf16; None: the base's float precision (bf16 / f16 when its embedding is stored so, else f32).
+
+    `out` is created if needed; config.json, generation_config.json, tokenizer.json, tokenizer_config.json and
+    model.safetensors (or, past shard_bytes, model-0000K-of-0000N.safetensors shards with
+    model.safetensors.index.json, as transformers writes them, so memory holds one shard at a time) are each
+    written to a temporary name and then renamed into place; other files in `out` (a run's checkpoint) are left
+    alone, and weight files of an earlier write that are no longer used are removed. A summary dict.
     """
     from safetensors.torch import save_file
 
-    dt = parse_float_type(dtype)
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists")
-    names = [n for n in tensors if not (config.tie_embeddings and n == "output.weight")]
-    hf_names = {}
-    for name in names:
-        try:
-            hf_names[name] = hf_name(name)
-        except KeyError:
-            raise ValueError(f"tensor {name!r} is not a Llama weight camelid knows") from None
-    expected = {"tok_embeddings.weight", "norm.weight", *(() if config.tie_embeddings else ("output.weight",))}
-    expected |= {c.replace("{i}", str(i)) for c in NAMES.values() if "{i}" in c for i in range(config.n_layers)}
-    missing = sorted(expected - set(names))
-    if missing or len(names) != len(expected):
-        extra = sorted(set(names) - expected)
-        raise ValueError(f"tensors do not match the config: missing {', '.join(missing[:3]) or 'none'}, "
-                         f"unexpected {', '.join(extra[:3]) or 'none'}")
-    tmp = out.with_name(out.name + ".part")
+    dt = parse_float_type(dtype) if dtype is not None else _float_dtype(base)
+    config = base.config
+    given = {_plain_name(k): v for k, v in (tensors or {}).items()}
+    unknown = sorted(set(given) - set(base.tensors) - {"output.weight"})
+    if unknown:
+        raise ValueError(f"tensor {unknown[0]!r} is not a weight of the base model (a Llama weight in camelid names)")
+    for name, t in given.items():
+        if name in base.tensors and tuple(t.shape) != tuple(base.tensors[name].shape):
+            raise ValueError(f"{name} is {list(t.shape)}, the base's is {list(base.tensors[name].shape)}")
+    source = {**base.tensors, **given}
+    names = [n for n in base.tensors if not (config.tie_embeddings and n == "output.weight")]
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".camelid-hf.part"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     try:
         shards: list[list[str]] = []  # HF names per shard file; a shard is written when it reaches shard_bytes
         state: dict[str, torch.Tensor] = {}
         size = 0
         for i, name in enumerate(names):
-            t = tensors[name]
+            t = source[name]
             w = t.load() if isinstance(t, LazyTensor) else t.detach()
-            state[hf_names[name]] = w.to(device="cpu", dtype=dt).contiguous()
-            size += state[hf_names[name]].nbytes
+            state[hf_name(name)] = w.to(device="cpu", dtype=dt).contiguous()
+            size += state[hf_name(name)].nbytes
             if size >= shard_bytes or i == len(names) - 1:
                 shards.append(list(state))
                 save_file(state, str(tmp / f"shard-{len(shards)}.safetensors"), metadata={"format": "pt"})
@@ -233,18 +243,19 @@ def write_hf_folder(config: ModelConfig, tokenizer: Tokenizer, tensors: dict[str
             if progress:
                 progress(name, i + 1, len(names))
         _name_shards(tmp, shards)
-        (tmp / "config.json").write_text(json.dumps(config_dict(config, tokenizer, dt), indent=1), encoding="utf-8")
-        tokenizer_files(tokenizer, config.max_seq_len, tmp)
-        if overwrite and out.is_dir():
-            shutil.rmtree(out)
-        elif overwrite and out.exists():
-            out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
+        (tmp / "config.json").write_text(json.dumps(config_dict(config, base.tokenizer, dt), indent=1), encoding="utf-8")
+        tokenizer_files(base.tokenizer, config.max_seq_len, tmp)
+        written = {f.name for f in tmp.iterdir()}
+        for old in folder.glob("model*.safetensors*"):
+            if old.name not in written and (old.name in _WEIGHT_FILES or old.name.startswith("model-")):
+                old.unlink()
+        for name in sorted(written):
+            os.replace(tmp / name, folder / name)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    size = sum(f.stat().st_size for f in out.iterdir())
-    return {"path": str(out), "format": "hf", "type": str(dt).removeprefix("torch."), "bytes": size}
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.name in written)
+    return {"path": str(folder), "format": "hf", "type": str(dt).removeprefix("torch."), "shards": len(shards),
+            "bytes": size}
 
 
 def _name_shards(folder: Path, shards: list[list[str]]) -> None:
@@ -264,6 +275,21 @@ def _name_shards(folder: Path, shards: list[list[str]]) -> None:
 
 def write_float_folder(ckpt: Checkpoint, out: str | os.PathLike, dtype: str | torch.dtype | None = None,
                        overwrite: bool = False, progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """`ckpt` as a float Hugging Face folder (see write_hf_folder); dtype None: the source's float precision
-    (bf16 / f16 when its embedding is stored so, else float32)."""
-    return write_hf_folder(ckpt.config, ckpt.tokenizer, ckpt.tensors, out, dtype or _float_dtype(ckpt), overwrite, progress)
+    """`ckpt` as a new float Hugging Face folder at `out` (see write_hf_folder for dtype), which appears only when
+    complete; overwrite=True replaces an existing `out` (file or folder)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists")
+    tmp = out.with_name(out.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        summary = write_hf_folder(ckpt, None, tmp, dtype, progress)
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {**summary, "path": str(out)}
