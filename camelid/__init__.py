@@ -19,7 +19,7 @@ from .sampling import SamplingParams
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "finetune", "LLM", "SamplingParams", "CamelidError", "ContextLengthError", "FormatError",
+    "load", "finetune", "export", "LLM", "SamplingParams", "CamelidError", "ContextLengthError", "FormatError",
     "ModelNotFoundError", "SamplingError", "StoreError", "UnsupportedModelError", "__version__",
 ]
 
@@ -36,6 +36,14 @@ def finetune(model=None, data="", out="", **kwargs):
     from .train.finetune import finetune as _finetune
 
     return _finetune(model, data, out, **kwargs)
+
+
+def export(model=None, adapter=None, to="gguf", out=None, **kwargs):
+    """Write a model (with a LoRA adapter merged in) as GGUF or a Hugging Face folder, or the adapter alone as a
+    GGUF LoRA file; see camelid.exporter.export."""
+    from .exporter import export as _export
+
+    return _export(model, adapter, to, out, **kwargs)
 
 
 def __getattr__(name):  # keep `import camelid` fast: torch loads on first use

@@ -279,6 +279,29 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             print("camelid: warning: the written tokenizer encodes the text differently from the source's", file=sys.stderr)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    """Write MODEL (with --adapter merged in) as a GGUF file or HF folder, or the adapter alone as a GGUF LoRA."""
+    from .exporter import check_options, export
+    from .progress import Progress
+
+    check_options(args.to, args.type)  # before the slow read
+    bar: list[Progress] = []
+
+    def progress(name: str, done: int, total: int) -> None:
+        if not bar:
+            bar.append(Progress(total, f"writing {args.to}", unit="tensors"))
+        bar[0].update(1)
+
+    summary = export(args.model, args.adapter, args.to, args.out, args.type, args.force, progress)
+    if bar:
+        bar[0].close()
+    if args.json:
+        print(json.dumps(summary))
+        return
+    merged = f", adapter {summary['adapter']} merged" if "adapter" in summary and args.to != "gguf-lora" else ""
+    print(f"wrote {summary['path']} ({summary['format']} {summary['type']}{merged}, {summary['bytes'] / 1e6:.1f} MB)")
+
+
 def _info_rows(ckpt) -> list[tuple[str, str]]:
     from .chat import template_for
 
@@ -415,6 +438,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="write only; skip the quality comparison")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("export", help="write a model (with a LoRA adapter merged) as GGUF or HF, or the adapter as GGUF LoRA")
+    p.add_argument("model", nargs="?", default=None, help=model_help)
+    p.add_argument("--adapter", metavar="DIR", help="a peft LoRA adapter folder to merge (or, with --to gguf-lora, to convert)")
+    p.add_argument("--to", required=True, metavar="FORMAT",
+                   help="gguf (a file llama.cpp loads), hf (a Hugging Face folder), gguf-lora (the adapter for llama.cpp --lora)")
+    p.add_argument("--out", required=True, metavar="PATH", help="the file or folder to write")
+    p.add_argument("--type", metavar="TYPE", help="weights: gguf f16 (default), f32, q8_0, q4_0, q4_1; hf f32, f16, bf16 "
+                   "(default: the source's float precision); gguf-lora f32 (default), f16")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="architecture, sizes, quantization, context, template")
     p.add_argument("model", nargs="?", default=None, help=model_help + ", or a preset name such as llama-3.1-8b")

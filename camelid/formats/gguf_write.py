@@ -1,4 +1,4 @@
-"""GGUF writer (architecture `llama`): a Checkpoint as a file llama.cpp loads, in F16, Q8_0, Q4_0 or Q4_1.
+"""GGUF writer (architecture `llama`): a Checkpoint as a file llama.cpp loads, in F32, F16, Q8_0, Q4_0 or Q4_1.
 
 Written the way llama.cpp's convert_hf_to_gguf.py writes a Llama: `llama.*` metadata from the ModelConfig,
 GGUF tensor names, Q/K rows back in the interleaved order, norms in F32, a tied embedding stored once,
@@ -29,20 +29,20 @@ from . import Checkpoint
 from .gguf import gguf_name
 from .layout import half_to_interleaved
 
-TYPES = ("f16", "q8_0", "q4_0", "q4_1")
+TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
 
 
 def _ggml_type(kind: str):
     from gguf import GGMLQuantizationType as Q
 
-    return {"f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}[kind]
+    return {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}[kind]
 
 
 def _file_type(kind: str) -> int:
     from gguf import LlamaFileType as F
 
-    return int({"f16": F.MOSTLY_F16, "q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0, "q4_1": F.MOSTLY_Q4_1}[kind])
+    return int({"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0, "q4_1": F.MOSTLY_Q4_1}[kind])
 
 
 def rope_factors(ckpt: Checkpoint) -> np.ndarray | None:
@@ -107,7 +107,7 @@ def _encode(ckpt: Checkpoint, name: str, qtype) -> np.ndarray:
 
 def write_gguf(ckpt: Checkpoint, out: str | os.PathLike, kind: str,
                progress: Callable[[str, int, int], None] | None = None, overwrite: bool = False) -> dict:
-    """Write `ckpt` to `out` as a llama GGUF of type `kind` (f16, q8_0, q4_0, q4_1); a summary dict.
+    """Write `ckpt` to `out` as a llama GGUF of type `kind` (f32, f16, q8_0, q4_0, q4_1); a summary dict.
 
     progress(name, done, total) is called after each tensor; overwrite=True replaces an existing `out`.
     """

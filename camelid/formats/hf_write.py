@@ -1,4 +1,10 @@
-"""camelid-quantized Hugging Face folders: weight-only int8 / int4 linears in safetensors.
+"""Hugging Face folders written by camelid: float (f32 / f16 / bf16) Llama folders that transformers loads,
+and camelid-quantized folders with weight-only int8 / int4 linears in safetensors.
+
+Float folders (write_hf_folder, write_float_folder): config.json (LlamaForCausalLM), generation_config.json,
+tokenizer.json + tokenizer_config.json, model.safetensors in HF tensor names; a tied output layer is not stored.
+
+Quantized folders (write_quantized_folder):
 
 The folder is an ordinary Llama folder (config.json, tokenizer files, model.safetensors in HF tensor names)
 in which each linear layer's `X.weight` is replaced by:
@@ -23,11 +29,16 @@ from pathlib import Path
 
 import torch
 
-from . import Checkpoint
+from ..config import ModelConfig
+from ..tokenizer import Tokenizer
+from . import Checkpoint, LazyTensor
 from .hf import NAMES, QUANT_METHOD
 
 TYPES = ("int8", "int4")
+FLOAT_TYPES = {"f32": torch.float32, "float32": torch.float32, "f16": torch.float16, "float16": torch.float16,
+               "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 INT4_GROUP = 32
+SHARD_BYTES = 4 << 30  # float folders: safetensors shards of about this size (transformers' own default is 5 GB)
 _HF_NAME = {c: h for h, c in NAMES.items()}
 _FLOAT = {"BF16": torch.bfloat16, "bfloat16": torch.bfloat16, "F16": torch.float16, "float16": torch.float16}
 
@@ -58,10 +69,10 @@ def quantize_linear(w: torch.Tensor, bits: int) -> dict[str, torch.Tensor] | Non
             "zeros": q.zero.float().contiguous()}
 
 
-def _config_json(ckpt: Checkpoint, bits: int, float_dtype: torch.dtype) -> dict:
-    cfg, tok = ckpt.config, ckpt.tokenizer
+def config_dict(cfg: ModelConfig, tok: Tokenizer, float_dtype: torch.dtype) -> dict:
+    """config.json of a Llama folder (LlamaForCausalLM) for `cfg`, without quantization_config."""
     rs = cfg.rope_scaling
-    out = {
+    return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
         "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
@@ -73,15 +84,22 @@ def _config_json(ckpt: Checkpoint, bits: int, float_dtype: torch.dtype) -> dict:
         "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
         "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
         "torch_dtype": str(float_dtype).removeprefix("torch."),
-        "quantization_config": {"quant_method": QUANT_METHOD, "bits": bits,
-                                "group_size": INT4_GROUP if bits == 4 else -1},  # -1: per row
     }
+
+
+def _config_json(ckpt: Checkpoint, bits: int, float_dtype: torch.dtype) -> dict:
+    out = config_dict(ckpt.config, ckpt.tokenizer, float_dtype)
+    out["quantization_config"] = {"quant_method": QUANT_METHOD, "bits": bits,
+                                  "group_size": INT4_GROUP if bits == 4 else -1}  # -1: per row
     return out
 
 
 def _tokenizer_files(ckpt: Checkpoint, folder: Path) -> None:
+    tokenizer_files(ckpt.tokenizer, ckpt.config.max_seq_len, folder)
+
+
+def tokenizer_files(tok: Tokenizer, max_seq_len: int, folder: Path) -> None:
     """tokenizer.json (the camelid tokenizer's own backend), tokenizer_config.json, generation_config.json."""
-    tok = ckpt.tokenizer
     spec = json.loads(tok.backend.to_str())
     decoder = json.dumps(spec.get("decoder"))
     if tok.strip_leading_space and '"Strip"' not in decoder and '"Metaspace"' not in decoder:
@@ -94,7 +112,7 @@ def _tokenizer_files(ckpt: Checkpoint, folder: Path) -> None:
     name = lambda i: tok.backend.id_to_token(i) if i is not None else None  # noqa: E731
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": bool(tok.add_bos),
                   "add_eos_token": False, "bos_token": name(tok.bos_id), "eos_token": name(tok.eos_id),
-                  "clean_up_tokenization_spaces": False, "model_max_length": ckpt.config.max_seq_len}
+                  "clean_up_tokenization_spaces": False, "model_max_length": max_seq_len}
     if tok.chat_template:
         tok_config["chat_template"] = tok.chat_template
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=1, ensure_ascii=False), encoding="utf-8")
@@ -152,3 +170,126 @@ def write_quantized_folder(ckpt: Checkpoint, out: str | os.PathLike, kind: str,
     size = sum(f.stat().st_size for f in out.iterdir())
     return {"path": str(out), "format": "hf", "type": kind, "group_size": INT4_GROUP if bits == 4 else "row",
             "linears_kept_float": kept_float, "bytes": size}
+
+
+def parse_float_type(name: str | torch.dtype) -> torch.dtype:
+    """torch dtype for "f32" | "f16" | "bf16" (or their long names, or a torch dtype); ValueError otherwise."""
+    if isinstance(name, torch.dtype) and name in FLOAT_TYPES.values():
+        return name
+    if name not in FLOAT_TYPES:
+        raise ValueError(f"float type must be one of f32, f16, bf16, got {name!r}")
+    return FLOAT_TYPES[name]
+
+
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.", "module.")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _plain_name(name: str) -> str:
+    """A parameter name without the prefixes activation checkpointing, torch.compile or DDP add to modules."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def write_hf_folder(base: Checkpoint, tensors: dict[str, torch.Tensor | LazyTensor] | None, out: str | os.PathLike,
+                    dtype: str | torch.dtype | None = None, progress: Callable[[str, int, int], None] | None = None,
+                    shard_bytes: int = SHARD_BYTES) -> dict:
+    """Write a float Hugging Face Llama folder that transformers' AutoModelForCausalLM and AutoTokenizer load.
+
+    base: the checkpoint whose config and tokenizer (tokenizer.json, chat template, BOS/EOS, stop ids) are written.
+    tensors: float weights in camelid's canonical names (rotate-half Q/K rows), e.g. a fully fine-tuned model's
+        state_dict() or named parameters (wrapper prefixes such as activation checkpointing's are dropped); a
+        weight not given is the base's. None: the base's own weights.
+    dtype: f32, f16 or bf16; None: the base's float precision (bf16 / f16 when its embedding is stored so, else f32).
+
+    `out` is created if needed; config.json, generation_config.json, tokenizer.json, tokenizer_config.json and
+    model.safetensors (or, past shard_bytes, model-0000K-of-0000N.safetensors shards with
+    model.safetensors.index.json, as transformers writes them, so memory holds one shard at a time) are each
+    written to a temporary name and then renamed into place; other files in `out` (a run's checkpoint) are left
+    alone, and weight files of an earlier write that are no longer used are removed. A summary dict.
+    """
+    from safetensors.torch import save_file
+
+    dt = parse_float_type(dtype) if dtype is not None else _float_dtype(base)
+    config = base.config
+    given = {_plain_name(k): v for k, v in (tensors or {}).items()}
+    unknown = sorted(set(given) - set(base.tensors) - {"output.weight"})
+    if unknown:
+        raise ValueError(f"tensor {unknown[0]!r} is not a weight of the base model (a Llama weight in camelid names)")
+    for name, t in given.items():
+        if name in base.tensors and tuple(t.shape) != tuple(base.tensors[name].shape):
+            raise ValueError(f"{name} is {list(t.shape)}, the base's is {list(base.tensors[name].shape)}")
+    source = {**base.tensors, **given}
+    names = [n for n in base.tensors if not (config.tie_embeddings and n == "output.weight")]
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".camelid-hf.part"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        shards: list[list[str]] = []  # HF names per shard file; a shard is written when it reaches shard_bytes
+        state: dict[str, torch.Tensor] = {}
+        size = 0
+        for i, name in enumerate(names):
+            t = source[name]
+            w = t.load() if isinstance(t, LazyTensor) else t.detach()
+            state[hf_name(name)] = w.to(device="cpu", dtype=dt).contiguous()
+            size += state[hf_name(name)].nbytes
+            if size >= shard_bytes or i == len(names) - 1:
+                shards.append(list(state))
+                save_file(state, str(tmp / f"shard-{len(shards)}.safetensors"), metadata={"format": "pt"})
+                state, size = {}, 0
+            if progress:
+                progress(name, i + 1, len(names))
+        _name_shards(tmp, shards)
+        (tmp / "config.json").write_text(json.dumps(config_dict(config, base.tokenizer, dt), indent=1), encoding="utf-8")
+        tokenizer_files(base.tokenizer, config.max_seq_len, tmp)
+        written = {f.name for f in tmp.iterdir()}
+        for old in folder.glob("model*.safetensors*"):
+            if old.name not in written and (old.name in _WEIGHT_FILES or old.name.startswith("model-")):
+                old.unlink()
+        for name in sorted(written):
+            os.replace(tmp / name, folder / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.name in written)
+    return {"path": str(folder), "format": "hf", "type": str(dt).removeprefix("torch."), "shards": len(shards),
+            "bytes": size}
+
+
+def _name_shards(folder: Path, shards: list[list[str]]) -> None:
+    """shard-K.safetensors -> model.safetensors (one shard) or model-0000K-of-0000N.safetensors + the index."""
+    if len(shards) == 1:
+        os.replace(folder / "shard-1.safetensors", folder / "model.safetensors")
+        return
+    weight_map, total = {}, 0
+    for k, keys in enumerate(shards, 1):
+        final = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(folder / f"shard-{k}.safetensors", folder / final)
+        total += (folder / final).stat().st_size
+        weight_map.update({key: final for key in keys})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1), encoding="utf-8")
+
+
+def write_float_folder(ckpt: Checkpoint, out: str | os.PathLike, dtype: str | torch.dtype | None = None,
+                       overwrite: bool = False, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """`ckpt` as a new float Hugging Face folder at `out` (see write_hf_folder for dtype), which appears only when
+    complete; overwrite=True replaces an existing `out` (file or folder)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists")
+    tmp = out.with_name(out.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        summary = write_hf_folder(ckpt, None, tmp, dtype, progress)
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {**summary, "path": str(out)}
