@@ -186,8 +186,9 @@ def test_markdown_renders_and_model_text_never_becomes_html(browser):
         try:
             FakeServer(dark)
             stored = page.evaluate("[localStorage.getItem('camelid.conversations'), localStorage.getItem('camelid.current')]")
-            dark.add_init_script("localStorage.setItem('camelid.conversations', %s); localStorage.setItem('camelid.current', %s)"
-                                 % (json.dumps(stored[0]), json.dumps(stored[1])))
+            convs, current = (json.dumps(v) for v in stored)
+            dark.add_init_script(f"localStorage.setItem('camelid.conversations', {convs}); "
+                                 f"localStorage.setItem('camelid.current', {current})")
             dark.goto(ORIGIN + "/")
             dark.locator("#log .code pre").wait_for()
             dark.screenshot(path=str(ARTIFACTS / "serve-web-markdown-dark.png"), full_page=True)
