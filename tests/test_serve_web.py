@@ -89,6 +89,8 @@ class FakeServer:
         if path == "/v1/models":
             return route.fulfill(content_type="application/json",
                                  body=json.dumps({"object": "list", "data": [{"id": "fake-model", "object": "model"}]}))
+        if path != "/v1/chat/completions":
+            return route.fulfill(status=404, body="{}", content_type="application/json")
         self.requests.append({"body": json.loads(req.post_data), "auth": req.headers.get("authorization")})
         reply = self.replies.pop(0)
         if reply == "network":
@@ -138,7 +140,7 @@ def f(x):
 |---|---|
 | 1 | 2 |
 
-A [good link](https://example.com/docs) and a [bad one](javascript:alert(1)).
+A [good link](https://example.com/docs) and a [bad one](javascript:alert%281%29).
 Raw: <img src=x onerror="window.__xss=1"><script>window.__xss=2</script>"""
 
 CODE = 'def f(x):\n    return x < 2 and "<b>"'
@@ -163,7 +165,7 @@ def test_markdown_renders_and_model_text_never_becomes_html(browser):
         assert body.locator("table td").all_inner_texts() == ["1", "2"]
         links = body.locator("a")
         assert links.count() == 1 and links.get_attribute("href") == "https://example.com/docs"
-        assert "[bad one](javascript:alert(1))" in body.inner_text()
+        assert "[bad one](javascript:alert%281%29)" in body.inner_text()
         # the XSS strings, in the answer and in the user's own message, stay text
         assert page.locator("#log img, #log script").count() == 0
         assert '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>' in body.inner_text()
@@ -378,5 +380,41 @@ def test_web_chat_against_the_real_server(browser, server):
         page.locator("#convs li.conv").first.wait_for()
         assert page.locator("#convs li.conv").all_inner_texts()[0].startswith("Write a Python")
         assert page.locator("#convs li.conv").count() == 1
+    finally:
+        context.close()
+
+
+RENDER_CASES = [
+    ("plain <b>x</b> & y", "<p>plain &lt;b&gt;x&lt;/b&gt; &amp; y</p>"),
+    ("snake_case_name and 2 * 3 * 4", "<p>snake_case_name and 2 * 3 * 4</p>"),
+    ("**bold _and it_**", "<p><strong>bold <em>and it</em></strong></p>"),
+    ("[a](JAVASCRIPT:alert%281%29) [b](data:text/html,x) [c](/relative) [d](mailto:x@y.z)",
+     '<p>[a](JAVASCRIPT:alert%281%29) [b](data:text/html,x) [c](/relative) '
+     '<a href="mailto:x@y.z" target="_blank" rel="noopener noreferrer nofollow">d</a></p>'),
+    ("see https://example.com/a_b.", '<p>see <a href="https://example.com/a_b" target="_blank" '
+     'rel="noopener noreferrer nofollow">https://example.com/a_b</a>.</p>'),
+    ("# Title #\n> quoted *x*", "<h1>Title</h1><blockquote><p>quoted <em>x</em></p></blockquote>"),
+    ("```js\nlet a = '<i>';", None),  # an unclosed fence (still streaming) is code to the end
+    ("1. step\n   ```sh\n   ls -l\n   ```\n2. next", None),
+    ("line one\nline two\n\nnext paragraph", "<p>line one<br>line two</p><p>next paragraph</p>"),
+]
+
+
+def test_markdown_renderer_cases(browser):
+    context, page = new_page(browser)
+    try:
+        FakeServer(page)
+        page.goto(ORIGIN + "/")
+        render = "(src) => { const d = document.createElement('div'); d.appendChild(renderMarkdown(src)); return d; }"
+        for src, want in RENDER_CASES:
+            if want is not None:
+                assert page.evaluate(f"(src) => ({render})(src).innerHTML", src) == want, src
+        code = page.evaluate(f"(src) => {{ const c = ({render})(src).querySelector('pre code'); "
+                             "return [c.textContent, c.dataset.lang]; }", RENDER_CASES[6][0])
+        assert code == ["let a = '<i>';", "js"]
+        items = page.evaluate(f"(src) => [...({render})(src).querySelectorAll('ol > li')].map("
+                              "(li) => [li.firstChild.textContent, li.querySelector('pre code')?.textContent ?? null])",
+                              RENDER_CASES[7][0])
+        assert items == [["step", "ls -l"], ["next", None]]
     finally:
         context.close()
