@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -46,6 +46,7 @@ class LoRAState:
 
     active: str | None = None
     rows: list[str | None] | None = None
+    names: list[str] = field(default_factory=list)  # the adapters on the model, in the order they were added
 
 
 class LoRAWeights(nn.Module):
@@ -187,6 +188,8 @@ def _attach(model: nn.Module, name: str, pairs: dict[str, tuple[torch.Tensor, to
         wrapper, seg = _wrap(model, module)
         by_wrapper.setdefault(id(wrapper), (wrapper, []))[1].append((seg, a, b))
     device = model.device
+    if name not in _state(model).names:
+        _state(model).names.append(name)
     for wrapper, segs in by_wrapper.values():
         segs.sort(key=lambda s: s[0])
         wrapper.add(name, LoRAWeights([s for s, _, _ in segs], [a.float().to(device) for _, a, _ in segs],
@@ -282,10 +285,8 @@ def load_adapter(model: nn.Module, adapter: Adapter, name: str = DEFAULT, activa
 
 def adapter_names(model: nn.Module) -> list[str]:
     """The names of the adapters on the model, in the order they were added."""
-    names: dict[str, None] = {}
-    for w in _wrappers(model):
-        names.update(dict.fromkeys(w.adapters))
-    return list(names)
+    state = getattr(model, "lora_state", None)
+    return list(state.names) if state is not None else []
 
 
 def set_adapter(model: nn.Module, name: str | None) -> None:
