@@ -9,7 +9,8 @@ quant._FrozenQuantMatmul).
 On the fast path Q/K/V and gate/up are FUSED into one layer (wqkv, w13). A LoRALinear over a fused layer has
 one segment per projection; an adapter's A's of the adapted segments are concatenated into one product and
 each segment gets its own B. Adapters, parameter names and checkpoints always use camelid's un-fused module
-names ("layers.0.attention.wq"), so the same adapter fits either path.
+names ("layers.0.attention.wq"), so the same adapter fits either path. (One difference from peft: dropout, when
+training with it, draws one mask per wrapped layer, so fused q/k/v share it; peft draws one per projection.)
 
 Which adapter a forward uses is state, not an argument of the model's forward: every LoRALinear of a model
 shares one `LoRAState`; `set_adapter(model, name)` picks one for all rows, `set_adapter_per_row(model, names)`
