@@ -113,15 +113,27 @@ class TextGeneration:
 
 
 def load(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
-         device: str | torch.device = "cpu", quant: str | None = "auto") -> LLM:
+         device: str | torch.device = "cpu", quant: str | None = "auto",
+         adapter: str | os.PathLike | None = None) -> LLM:
     """Load a model by store name or path (a GGUF file, a Hugging Face or Meta folder). None means the default model.
 
     quant="auto" (default) is the fast path: GGUF Q4_0/Q4_1/Q8_0 weights stay quantized, products in bfloat16;
     "int8" / "int4" quantize every linear layer at load; None is the float32 reference path (see camelid/loader.py).
+    adapter: a LoRA adapter folder (peft's format) applied without merging, on either path.
     """
     from .formats import read
     from .loader import build_model
     from .store import resolve
 
     ckpt = read(resolve(name_or_path))
-    return LLM(build_model(ckpt, dtype=dtype, device=device, quant=quant), ckpt)
+    adapter_data = None
+    if adapter is not None:  # read before the slow model load, so a wrong folder fails at once
+        from .formats.peft import read_adapter
+
+        adapter_data = read_adapter(adapter)
+    model = build_model(ckpt, dtype=dtype, device=device, quant=quant)
+    if adapter_data is not None:
+        from .train.lora import load_adapter
+
+        load_adapter(model, adapter_data)
+    return LLM(model, ckpt)

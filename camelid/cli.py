@@ -67,12 +67,17 @@ def _load(model: str | None, args: argparse.Namespace, sampling: bool = True):
         if args.threads < 1:
             raise CamelidError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    return load(path, quant=_quant(args)), params
+    return load(path, quant=_quant(args), adapter=getattr(args, "adapter", None)), params
 
 
 def _quant(args: argparse.Namespace) -> str | None:
     """--reference: the float32 reference path; --quant MODE otherwise (default auto: the fast path)."""
     return None if getattr(args, "reference", False) else getattr(args, "quant", "auto")
+
+
+def _add_adapter(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", metavar="DIR", default=None,
+                   help="a LoRA adapter folder (peft's format) applied to the model without merging")
 
 
 def _add_runtime(p: argparse.ArgumentParser, fast: bool = True) -> None:
@@ -406,11 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="+", metavar="[MODEL] PROMPT", help=model_help + "; then the prompt")
     p.add_argument("--raw", action="store_true", help="plain completion, without the chat template")
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+    _add_adapter(p)
     _add_sampling(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("chat", help="interactive chat with history")
     p.add_argument("model", nargs="?", default=None, help=model_help)
+    _add_adapter(p)
     _add_sampling(p)
     p.set_defaults(func=cmd_chat)
 

@@ -148,6 +148,36 @@ def concat(weights: list[QuantWeight]) -> QuantWeight:
 
 # --- modules ------------------------------------------------------------------------------------------
 
+class _FrozenQuantMatmul(torch.autograd.Function):
+    """y = layer(x) with a frozen quantized weight, differentiable with respect to x only (QLoRA).
+
+    PyTorch's weight-only kernels have no backward. The forward runs the layer as at inference; the backward is
+    grad_x = grad_y @ W with W dequantized on the fly, CHUNK_ROWS output rows at a time and never stored (the
+    pattern of torchao's linear_nf4). The weight gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, run, rows, n_out: int) -> torch.Tensor:
+        ctx.rows, ctx.n_out, ctx.x_dtype = rows, n_out, x.dtype
+        with torch.no_grad():
+            return run(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        g = grad.float()
+        out = None
+        for start in range(0, ctx.n_out, CHUNK_ROWS):
+            end = min(start + CHUNK_ROWS, ctx.n_out)
+            part = g[..., start:end] @ ctx.rows(start, end)  # [..., in]
+            out = part if out is None else out + part
+        return out.to(ctx.x_dtype), None, None, None
+
+
+def _differentiable(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+
 def _dense(shape: torch.Size, x: torch.Tensor) -> bool:
     """A long prefill on the CPU: at least DENSE_MIN_TOKENS tokens per row."""
     return len(shape) == 3 and shape[1] >= DENSE_MIN_TOKENS and x.device.type == "cpu"
@@ -187,7 +217,23 @@ class Int4Linear(nn.Module):
             w = w[:, : half] + w[:, half:]
         return w
 
+    def dequantize_rows(self, start: int, end: int) -> torch.Tensor:
+        """Output rows start..end of W in float32 [end - start, in] (for the backward pass)."""
+        if self.nibbles is None:
+            raise RuntimeError("this layer keeps no copy for dequantizing (dense_prefill=False)")
+        nib = self.nibbles[start:end]
+        n, half = nib.shape
+        q = torch.stack([nib & 0x0F, nib >> 4], -1).view(n, half * 2 // self.group, self.group).float()
+        s, z = self.scale_zero[:, start:end, 0].t().float(), self.scale_zero[:, start:end, 1].t().float()
+        w = ((q - 8) * s[..., None] + z[..., None]).view(n, half * 2)
+        return w[:, :half] + w[:, half:] if self.doubled_input else w
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _differentiable(x):  # training through a frozen quantized base: gradients flow to x only
+            return _FrozenQuantMatmul.apply(x, self._forward, self.dequantize_rows, self.out_features)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype  # the product in bfloat16 (the kernels' type), the result in x's type
         x = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         if _dense(shape, x) and self.nibbles is not None:
@@ -213,7 +259,16 @@ class Int8Linear(nn.Module):
         self.register_buffer("q", w.q.to(device))
         self.register_buffer("scale", w.scale.to(torch.bfloat16).to(device))
 
+    def dequantize_rows(self, start: int, end: int) -> torch.Tensor:
+        """Output rows start..end of W in float32 [end - start, in] (for the backward pass)."""
+        return self.q[start:end].float() * self.scale[start:end, None].float()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _differentiable(x):  # training through a frozen quantized base: gradients flow to x only
+            return _FrozenQuantMatmul.apply(x, self._forward, self.dequantize_rows, self.out_features)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype  # the product in bfloat16 (the kernels' type), the result in x's type
         x = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         if _dense(shape, x):
@@ -286,7 +341,11 @@ class QuantOutput(nn.Module):
         self.out_features = kernel.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.kernel(x).float()
+        if _differentiable(x):  # the kernel's rows from the exact table in the backward pass (no dequantized copy)
+            rows = lambda a, b: self.table.rows(torch.arange(a, b, device=x.device))  # noqa: E731
+            logits = _FrozenQuantMatmul.apply(x, self.kernel._forward, rows, self.out_features).float()
+        else:
+            logits = self.kernel(x).float()
         top = logits.topk(min(self.REFINE, logits.shape[-1]), dim=-1).indices  # [..., R]
         exact = (self.table.rows(top) * x.float()[..., None, :]).sum(-1)  # [..., R]
         return logits.scatter_(-1, top, exact)

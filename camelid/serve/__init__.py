@@ -47,12 +47,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights at run time: auto keeps GGUF Q4_0/Q4_1/Q8_0 quantized (bf16 products); int8/int4 "
                              "quantize every linear layer at load (default auto)")
     parser.add_argument("--reference", action="store_true", help="the float32 reference path (every weight dequantized)")
+    parser.add_argument("--adapter", action="append", default=None, metavar="NAME=DIR",
+                        help="serve the LoRA adapter folder DIR (peft's format) over the base as model NAME (repeatable; "
+                             "a bare DIR is named after its folder). Requests choose by 'model'; the base's name means none")
+
+
+def parse_adapters(values: list[str] | None, model_id: str) -> dict[str, str]:
+    """--adapter values (NAME=DIR or DIR) -> {name: dir}; CamelidError naming a bad value."""
+    from ..errors import CamelidError
+
+    out: dict[str, str] = {}
+    for value in values or []:
+        name, sep, folder = value.partition("=")
+        if not sep or "/" in name or os.sep in name:  # a bare folder (a path may hold '=' after a '/')
+            name, folder = os.path.basename(os.path.normpath(value)), value
+        name, folder = name.strip(), folder.strip()
+        if not name or not folder:
+            raise CamelidError(f"--adapter {value!r}: expected NAME=DIR (a name and an adapter folder)")
+        if name == model_id:
+            raise CamelidError(f"--adapter {value!r}: the name {name!r} is the base model's; choose another")
+        if name in out:
+            raise CamelidError(f"--adapter {value!r}: the name {name!r} is given twice")
+        out[name] = folder
+    return out
 
 
 def build_state(model: str | None = None, api_key: str | None = None, max_concurrency: int = 8, max_queue: int | None = None,
                 max_seq_len: int = 4096, max_tokens: int | None = None, max_body_bytes: int = 1 << 20,
-                model_id: str | None = None, quant: str | None = "auto"):
-    """Load the model and make the engine and server state (nothing is started)."""
+                model_id: str | None = None, quant: str | None = "auto", adapters: dict[str, str] | None = None):
+    """Load the model and make the engine and server state (nothing is started).
+
+    adapters: {name: LoRA adapter folder}, served over the one base; a request picks one by its `model`."""
     from ..chat import template_for
     from ..errors import CamelidError
     from ..formats import read
@@ -66,13 +91,27 @@ def build_state(model: str | None = None, api_key: str | None = None, max_concur
         raise CamelidError("--max-concurrency must be >= 1 and --max-seq-len >= 2")
     path = resolve(model)
     ckpt = read(path)
+    if model_id is None:
+        model_id = model if model and not os.path.exists(str(model)) else (DEFAULT_MODEL if model is None else path.stem)
+    if adapters and model_id in adapters:
+        raise CamelidError(f"--adapter name {model_id!r} is the base model's; choose another")
+    from ..formats.peft import read_adapter
+
+    loaded = {name: read_adapter(folder) for name, folder in (adapters or {}).items()}  # before the slow load
     net = build_model(ckpt, quant=quant)
+    if loaded:
+        from ..train.lora import load_adapter
+
+        for name, adapter in loaded.items():
+            try:
+                load_adapter(net, adapter, name, activate=False)
+            except CamelidError as e:
+                raise CamelidError(f"adapter {name} ({adapters[name]}): {e}") from None
     engine = Engine(net, ckpt.tokenizer, max_concurrency=max_concurrency, max_seq_len=max_seq_len, max_queue=max_queue)
     limits = Limits(max_seq_len=engine.max_seq_len, max_tokens=min(max_tokens or engine.max_seq_len, engine.max_seq_len),
                     max_n=max_concurrency, max_body_bytes=max_body_bytes)
-    if model_id is None:
-        model_id = model if model and not os.path.exists(str(model)) else (DEFAULT_MODEL if model is None else path.stem)
-    return ServerState(engine, ckpt.tokenizer, model_id, limits, template_for(ckpt.tokenizer)[0], api_key)
+    return ServerState(engine, ckpt.tokenizer, model_id, limits, template_for(ckpt.tokenizer)[0], api_key,
+                       adapters=tuple(loaded))
 
 
 def serve(model_path: str | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: str | None = None,
@@ -90,7 +129,8 @@ def serve(model_path: str | None = None, host: str = DEFAULT_HOST, port: int = D
     app = create_app(state, cors_origins)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"camelid: warning: serving on {host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
-    print(f"camelid: serving {state.model_id} on http://{host}:{port} ({max_concurrency} slots x "
+    extra = f" with adapters {', '.join(state.adapters)}" if state.adapters else ""
+    print(f"camelid: serving {state.model_id}{extra} on http://{host}:{port} ({max_concurrency} slots x "
           f"{state.limits.max_seq_len} tokens)", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, timeout_keep_alive=keep_alive)
 
@@ -103,7 +143,8 @@ def main(args: argparse.Namespace) -> int:
         serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_concurrency=args.max_concurrency,
               cors_origins=args.cors_origin, log_level=args.log_level, max_queue=args.max_queue,
               max_seq_len=args.max_seq_len, max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes,
-              model_id=args.model_id, quant=None if args.reference else args.quant, keep_alive=args.keep_alive)
+              model_id=args.model_id, quant=None if args.reference else args.quant, keep_alive=args.keep_alive,
+              adapters=parse_adapters(args.adapter, args.model_id or "") or None)
     except CamelidError as e:
         print(f"camelid: error: {e}", file=sys.stderr)
         return 1

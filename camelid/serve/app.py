@@ -37,6 +37,7 @@ class ServerState:
     chat_template: str
     api_key: str | None = None
     created: int = 0
+    adapters: tuple[str, ...] = ()  # LoRA adapters over the base, chosen by a request's `model`
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.engine)
@@ -85,14 +86,17 @@ async def read_json(request: Request, limits: Limits) -> dict:
     return data
 
 
-def check_model(body: dict, state: ServerState) -> None:
+def check_model(body: dict, state: ServerState) -> str | None:
+    """The adapter a request's `model` names (None: the base model, also when `model` is absent); 404 if unknown."""
     model = body.get("model")
-    if model is None:
-        return
+    if model is None or model == state.model_id:
+        return None
     if not isinstance(model, str):
         raise ApiError(400, "'model' must be a string", "model", "invalid_type")
-    if model != state.model_id:
-        raise ApiError(404, f"the model {model!r} does not exist; this server has {state.model_id!r}", "model", "model_not_found")
+    if model in state.adapters:
+        return model
+    have = ", ".join(repr(m) for m in (state.model_id, *state.adapters))
+    raise ApiError(404, f"the model {model!r} does not exist; this server has {have}", "model", "model_not_found")
 
 
 # --- one choice's text as events arrive ---
@@ -147,8 +151,9 @@ def completion_logprobs(tokenizer: Tokenizer, events: list[Token], offset: int) 
 class Generation:
     """The n sequences of one request, submitted to the engine, read back as (choice, text, token) events."""
 
-    def __init__(self, state: ServerState, prompt: list[int], params: GenParams, max_tokens: int) -> None:
-        self.state, self.prompt, self.params = state, prompt, params
+    def __init__(self, state: ServerState, prompt: list[int], params: GenParams, max_tokens: int,
+                 adapter: str | None = None) -> None:
+        self.state, self.prompt, self.params, self.adapter = state, prompt, params, adapter
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.start = time.perf_counter()
@@ -160,7 +165,7 @@ class Generation:
             if sampling.seed is not None and i:
                 sampling = replace(sampling, seed=sampling.seed + i)
             seq = make_sequence(prompt, max_tokens, self._emitter(i), sampling=sampling, stop_ids=state.tokenizer.stop_ids,
-                                logprobs=params.logprobs,
+                                logprobs=params.logprobs, adapter=adapter,
                                 constraint=JsonConstraint(params.schema) if params.schema is not None else None)
             try:
                 engine.submit(seq)
@@ -231,7 +236,7 @@ def sse(data: dict | str) -> bytes:
 async def respond(request: Request, state: ServerState, gen: Generation, chat: bool) -> Response:
     rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
     head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
-            "model": state.model_id}
+            "model": gen.adapter or state.model_id}
     tok = state.tokenizer
     if gen.params.stream:
         async def stream():
@@ -299,7 +304,7 @@ def constrained_fits(state: ServerState, params: GenParams, max_tokens: int) -> 
 async def chat_completions(request: Request) -> Response:
     state: ServerState = request.app.state.camelid
     body = await read_json(request, state.limits)
-    check_model(body, state)
+    adapter = check_model(body, state)
     params = parse_common(body, state.limits, chat=True)
     messages = messages_of(body)
     try:
@@ -308,13 +313,13 @@ async def chat_completions(request: Request) -> Response:
         raise ApiError(400, str(e), "messages", "invalid_value") from None
     max_tokens = check_fits(len(prompt), params.max_tokens, state.limits, "messages")
     constrained_fits(state, params, max_tokens)
-    return await respond(request, state, Generation(state, prompt, params, max_tokens), chat=True)
+    return await respond(request, state, Generation(state, prompt, params, max_tokens, adapter), chat=True)
 
 
 async def completions(request: Request) -> Response:
     state: ServerState = request.app.state.camelid
     body = await read_json(request, state.limits)
-    check_model(body, state)
+    adapter = check_model(body, state)
     params = parse_common(body, state.limits, chat=False)
     prompt = prompt_of(body)
     if isinstance(prompt, str):
@@ -325,14 +330,15 @@ async def completions(request: Request) -> Response:
         ids = prompt
     max_tokens = check_fits(len(ids), params.max_tokens, state.limits, "prompt")
     constrained_fits(state, params, max_tokens)
-    return await respond(request, state, Generation(state, ids, params, max_tokens), chat=False)
+    return await respond(request, state, Generation(state, ids, params, max_tokens, adapter), chat=False)
 
 
 async def models(request: Request) -> Response:
     state: ServerState = request.app.state.camelid
-    return JSONResponse({"object": "list", "data": [
-        {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "camelid",
-         "max_model_len": state.limits.max_seq_len}]})
+    base = {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "camelid",
+            "max_model_len": state.limits.max_seq_len}
+    adapters = [{**base, "id": name, "parent": state.model_id} for name in state.adapters]  # as vLLM lists LoRAs
+    return JSONResponse({"object": "list", "data": [base, *adapters]})
 
 
 async def health(request: Request) -> Response:

@@ -59,6 +59,7 @@ class Sequence_:
     stop_ids: frozenset[int] = frozenset()
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
     constraint: JsonConstraint | None = None
+    adapter: str | None = None  # the LoRA adapter this sequence runs with (None: the base model)
     # engine state
     slot: int = -1
     pos: int = 0  # tokens of this row in the cache
@@ -92,6 +93,12 @@ class Engine:
         self._special = torch.tensor(sorted(tokenizer.special_ids), dtype=torch.long)
         self._bytes_to_id = {b: i for i, b in enumerate(tokenizer.token_bytes) if i not in tokenizer.special_ids and b}
         self._max_token_len = max(len(b) for b in self._bytes_to_id)
+        self._adapters = _adapter_selector(model)
+
+    def _use_adapters(self, rows: Sequence[Sequence_ | None]) -> None:
+        """Tell the model's LoRA layers which adapter each row of the next forward uses (no-op without adapters)."""
+        if self._adapters is not None:
+            self._adapters(self.model, [s.adapter if s is not None else None for s in rows])
 
     # --- public, any thread ---
     def start(self) -> None:
@@ -206,6 +213,7 @@ class Engine:
                 tokens[b, 0], positions[b, 0] = s.pending, s.pos
             elif s is not None:  # prefilling: write the dummy where its next chunk will overwrite it
                 positions[b, 0] = s.pos
+        self._use_adapters(self.rows[:R])
         logits = self.model(tokens.to(self.device), positions.to(self.device), self.cache.view(0, R))[:, -1].float().cpu()
         for b in decoding:
             s = self.rows[b]
@@ -218,6 +226,7 @@ class Engine:
         tokens = torch.tensor([s.prompt[start:end]], dtype=torch.long, device=self.device)
         positions = torch.arange(start, end, device=self.device)[None]
         at = torch.tensor([end - start - 1], device=self.device)
+        self._use_adapters([s])
         logits = self.model(tokens, positions, self.cache.view(b, b + 1), logits_at=at)[0, -1].float().cpu()
         s.pos = end
         if end == len(s.prompt):
@@ -332,6 +341,15 @@ class Engine:
             else:
                 raise RuntimeError(f"no token for byte {data[i]:#x}")
         return out
+
+
+def _adapter_selector(model: torch.nn.Module):
+    """set_adapter_per_row when the model carries LoRA adapters, else None."""
+    if getattr(model, "lora_state", None) is None:
+        return None
+    from ..train.lora import set_adapter_per_row
+
+    return set_adapter_per_row
 
 
 def make_sequence(prompt: Sequence[int], max_tokens: int, emit: Callable[[Token | Finish], None], **kw) -> Sequence_:
