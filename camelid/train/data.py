@@ -510,6 +510,11 @@ class Batches:
                 yield self._batch(plan[self._step - 1])
             self.epoch, self._step = self.epoch + 1, 0
 
+    def one_epoch(self) -> Iterator[Batch]:
+        """This rank's micro-batches of the first epoch, once (validation), leaving the stream's state alone."""
+        for row_ids in self._plan(0):
+            yield self._batch(row_ids)
+
     @property
     def epochs_done(self) -> float:
         """Epochs consumed so far by this rank, as a fraction."""

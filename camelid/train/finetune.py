@@ -150,7 +150,8 @@ def finetune(model: str | os.PathLike | None = None, data: str | os.PathLike = "
     batches = D.Batches(samples, **batch_opts, shuffle=True, seed=seed, rank=r, world=world)
     val_batches = None
     if val_samples:
-        val_batches = lambda: D.Batches(val_samples, **batch_opts, shuffle=False, seed=seed, rank=r, world=world)  # noqa: E731
+        val_batches = lambda: D.Batches(val_samples, **batch_opts, shuffle=False, seed=seed, rank=r,  # noqa: E731
+                                        world=world).one_epoch()
 
     cfg = loop.TrainConfig(steps=steps, epochs=None if steps is not None else (epochs or 1.0), lr=lr or DEFAULT_LR[method],
                            warmup_steps=warmup_steps or 0, warmup_ratio=0.0 if warmup_steps is not None else 0.1,
@@ -168,9 +169,9 @@ def finetune(model: str | os.PathLike | None = None, data: str | os.PathLike = "
             write_hf_folder(ckpt, state, out_dir)
         else:
             from ..formats.peft import write_adapter
-            from .lora import adapter_from_state
+            from .lora import adapter_from_model
 
-            write_adapter(adapter_from_state(net, state, base_model=str(source)), out_dir)
+            write_adapter(adapter_from_model(net, base_model=str(source), state=state), out_dir)
 
     if r == 0:
         out.mkdir(parents=True, exist_ok=True)

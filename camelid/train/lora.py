@@ -248,9 +248,16 @@ def _order(key: str) -> tuple[int, int, str]:
     return int(i), mods.index(module) if module in mods else len(mods), key
 
 
-def adapter_from_model(model: nn.Module, base_model: str | None = None, name: str = DEFAULT) -> Adapter:
-    """Adapter `name` of the model (as trained) as plain data, in camelid's un-fused module names."""
+def adapter_from_model(model: nn.Module, base_model: str | None = None, name: str = DEFAULT,
+                       state: dict[str, torch.Tensor] | None = None) -> Adapter:
+    """Adapter `name` of the model (as trained) as plain data, in camelid's un-fused module names.
+
+    state: whole tensors by model.named_parameters() name to use instead of the parameters' own (what the training
+    loop gathers from every process under FSDP2, where each process holds only a shard)."""
     params = lora_parameters(model, name)
+    if state is not None:
+        by_id = {id(p): state[n] for n, p in model.named_parameters() if n in state}
+        params = {k: by_id.get(id(p), p) for k, p in params.items()}
     if not params:
         raise ValueError(f"the model has no LoRA adapter {name!r}")
     first = next(w.adapters[name] for w in _wrappers(model) if name in w.adapters)
