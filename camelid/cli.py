@@ -487,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     """LoRA / QLoRA / full fine-tuning: camelid.train.finetune with the flags as they are."""
+    import os
+
     import torch
 
     from .train.finetune import finetune
@@ -503,6 +505,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                  seed=args.seed, resume=args.resume, train_on_prompt=args.train_on_prompt, skip_bad=args.skip_bad,
                  pack=not args.no_pack, precision=args.precision, activation_checkpointing=args.grad_checkpoint,
                  system=args.system)
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun: rank 0 speaks
+        return
     what = "model" if r.method == "full" else "adapter"
     val = f", validation loss {r.final_val_loss:.4f}" if r.final_val_loss is not None else ""
     loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "-"

@@ -125,3 +125,28 @@ def test_mistakes_are_one_line(tmp_path, tiny):
     assert "not empty" in _one_line(camelid_cli("finetune", model, "--data", str(data), "--out", str(full)))
     assert "not both" in _one_line(camelid_cli("finetune", model, "--data", str(data), "--out", str(tmp_path / "o"),
                                                "--steps", "2", "--epochs", "1"))
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_give_the_losses_of_one(tmp_path, tiny):
+    """`torchrun --nproc-per-node 2 -m camelid finetune` (FSDP2 on gloo, batch 1 per process) against one process
+    with batch 2: the same global batch, so the same losses (small tolerance: the sums are reduced differently)."""
+    import socket
+
+    paths, data, _ = tiny
+    flags = ["--data", str(data), "--steps", "4", "--seq-len", "128", "--dropout", "0", "--lr", "1e-2"]
+    one = tmp_path / "one"
+    assert main(["finetune", str(paths["f32"]), "--out", str(one), "--batch-size", "2", *flags]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = tmp_path / "two"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                        "--master-port", str(port), "-m", "camelid", "finetune", str(paths["f32"]), "--out", str(two),
+                        "--batch-size", "1", *flags], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = [json.loads(x)["loss"] for x in (one / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x)["loss"] for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert len(a) == len(b) == 4
+    assert a == pytest.approx(b, rel=2e-3)
+    assert read_adapter(two).pairs.keys() == read_adapter(one).pairs.keys()

@@ -100,10 +100,11 @@ def finetune(model: str | os.PathLike | None = None, data: str | os.PathLike = "
     data_path = Path(data)
     if not data_path.is_file():
         raise CamelidError(f"no such data file: {data_path}")
+    rank0 = _rank_world()[0] == 0  # under torchrun only rank 0 writes, so only it judges the folder
     has_checkpoint = (out / "checkpoint").exists()
     if resume and not has_checkpoint:
         raise CamelidError(f"--resume: no checkpoint in {out} to continue from")
-    if not resume and out.exists() and any(out.iterdir()):
+    if rank0 and not resume and out.exists() and any(out.iterdir()):
         raise CamelidError(f"{out} is not empty (use --resume to continue a run there, or another --out)")
 
     source = resolve(model)
