@@ -30,6 +30,10 @@ class Progress:
             return f"{n / 1e6:.1f} MB"
         return f"{n:.0f} {self.unit}"
 
+    def _rate(self, r: float) -> str:
+        """A rate of a few units a second keeps its decimals (training: 0.35 step/s, not 0)."""
+        return self._fmt(r) if self.unit == "B" or r >= 10 else f"{r:.2f} {self.unit}"
+
     def _line(self) -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         rate = (self.done - self.initial) / elapsed
@@ -37,9 +41,9 @@ class Progress:
         if self.total:
             pct = 100 * self.done / self.total
             eta = f" ETA {_clock((self.total - self.done) / rate)}" if rate > 0 and self.done < self.total else ""
-            return (f"{self.label}: {pct:5.1f}% {self._fmt(self.done)} / {self._fmt(self.total)} ({self._fmt(rate)}/s)"
+            return (f"{self.label}: {pct:5.1f}% {self._fmt(self.done)} / {self._fmt(self.total)} ({self._rate(rate)}/s)"
                     f"{status}{eta}")
-        return f"{self.label}: {self._fmt(self.done)} ({self._fmt(rate)}/s){status}"
+        return f"{self.label}: {self._fmt(self.done)} ({self._rate(rate)}/s){status}"
 
     def update(self, n: int, status: str | None = None) -> None:
         self.done += n

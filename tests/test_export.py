@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import require_llama_cpp
 from gguf import GGMLQuantizationType as GQ
 from gguf_factory import Spec, byte_level_vocab, write_gguf
 
@@ -29,20 +29,6 @@ from camelid.loader import build_model
 
 SPEC = Spec(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, context_length=128)
 IDS = [256, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33, 32, 84, 104, 101, 32, 99, 97, 116]
-
-
-try:  # the shared rule (tests/conftest.py on main); the same rule here until this branch has it
-    from conftest import require_llama_cpp
-except ImportError:
-    def require_llama_cpp():
-        """llama_cpp, or a skip; a FAILURE when CAMELID_REQUIRE_LLAMA_CPP=1 and it cannot be imported."""
-        try:
-            import llama_cpp
-        except ImportError as e:
-            if os.environ.get("CAMELID_REQUIRE_LLAMA_CPP") == "1":
-                pytest.fail(f"llama-cpp-python is expected (CAMELID_REQUIRE_LLAMA_CPP=1) but cannot be imported: {e}")
-            pytest.skip(f"llama-cpp-python not installed ({e})")
-        return llama_cpp
 
 
 def vocab_with_merges():
