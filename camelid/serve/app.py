@@ -199,26 +199,36 @@ class Generation:
     async def events(self, request: Request):
         """Yield (choice, text, token event) until every choice is finished; stop early when the client is gone."""
         checked = time.perf_counter()
-        while not self.done:
-            try:
-                i, event = await asyncio.wait_for(self.queue.get(), timeout=0.25)
-            except asyncio.TimeoutError:
-                i, event = -1, None
-            if time.perf_counter() - checked >= 0.25:  # a gone client frees its slots within a quarter second
-                checked = time.perf_counter()
-                if await request.is_disconnected():
-                    self.cancel()
-                    return
-            if event is None:
-                continue
-            choice = self.choices[i]
-            if isinstance(event, Token) and self.first_token_at is None:
-                self.first_token_at = time.perf_counter()
-                self.state.metrics.ttft.observe(self.first_token_at - self.start)
-            text, token = choice.handle(event)
-            if choice.finish_reason is not None and not isinstance(event, Finish):
-                self.state.engine.cancel(choice.seq)  # a stop string: free the slot now
-            yield choice, text, token
+        # one get() lives across the quarter-second waits: asyncio.wait_for(queue.get(), timeout) can drop an event
+        # that arrives just as its timeout fires (Python < 3.12), a token lost under load
+        getter: asyncio.Future | None = None
+        try:
+            while not self.done:
+                getter = getter or asyncio.ensure_future(self.queue.get())
+                done, _ = await asyncio.wait({getter}, timeout=0.25)
+                i, event = getter.result() if done else (-1, None)
+                if done:
+                    getter = None
+                if time.perf_counter() - checked >= 0.25:  # a gone client frees its slots within a quarter second
+                    checked = time.perf_counter()
+                    if await request.is_disconnected():
+                        self.cancel()
+                        break
+                if event is None:
+                    continue
+                choice = self.choices[i]
+                if isinstance(event, Token) and self.first_token_at is None:
+                    self.first_token_at = time.perf_counter()
+                    self.state.metrics.ttft.observe(self.first_token_at - self.start)
+                text, token = choice.handle(event)
+                if choice.finish_reason is not None and not isinstance(event, Finish):
+                    self.state.engine.cancel(choice.seq)  # a stop string: free the slot now
+                yield choice, text, token
+        finally:
+            if getter is not None:
+                getter.cancel()
+        if not self.done:  # the client left
+            return
         m = self.state.metrics
         m.latency.observe(time.perf_counter() - self.start)
         m.prompt_tokens.inc(len(self.prompt) * len(self.choices))
