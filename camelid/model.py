@@ -176,9 +176,11 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         cos, sin = rope_tables(positions, self.inv_freq)  # [B,T,1,E]
         mask = None
+        if segments is not None and cache is not None:
+            raise ValueError("segments (packed samples) need whole sequences, not a KV cache")
+        if segments is not None and bool((segments == segments[:, :1]).all()):
+            segments = None  # one sample per row: plain causal attention (the fused kernel, no T x T mask)
         if segments is not None:  # block-diagonal causal: same sample and key index <= query index
-            if cache is not None:
-                raise ValueError("segments (packed samples) need whole sequences, not a KV cache")
             causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()  # [T,T]
             mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]  # [B,1,T,T]
 

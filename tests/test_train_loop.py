@@ -277,7 +277,7 @@ def test_progress_shows_status_and_eta_and_logs_every_n_steps(monkeypatch):
     bar.update(1, status="loss 2.0")  # step 6: 2 steps in 2 s: 4 left, ETA 0:04
     bar.close()
     lines = stream.getvalue().splitlines()
-    assert lines[0] == "train:  60.0% 6 step / 10 step (1 step/s) loss 2.0 ETA 0:04"
+    assert lines[0] == "train:  60.0% 6 step / 10 step (1.00 step/s) loss 2.0 ETA 0:04"
     assert lines[1].startswith("train:  60.0%") and len(lines) == 2
     assert progress._clock(3725) == "1:02:05"
 
