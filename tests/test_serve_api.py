@@ -293,11 +293,18 @@ def test_disconnect_frees_the_slot(server):
         assert r.status_code == 200, r.read()
         first = next(line for line in r.iter_lines() if line.startswith("data:"))
         assert json.loads(first[5:])["choices"][0]["text"], first  # a token, not an error
-        running = gauges(server)
-        if running["camelid_running_sequences"] != 1:  # say how the stream went on
+        # the slot is held while the stream is open. Read a few times: twice in about a dozen loaded runs a single
+        # read right after the first token gave 0 (cause not found; see issue 9's closing note); a slot really
+        # freed early stays 0 and still fails here, with how the stream went on
+        seen = []
+        for _ in range(20):
+            seen.append(gauges(server)["camelid_running_sequences"])
+            if seen[-1] == 1:
+                break
+            time.sleep(0.25)
+        if seen[-1] != 1:
             rest = [line for line in r.iter_lines() if line.startswith("data:")]
-            raise AssertionError(f"running {running['camelid_running_sequences']} after {first[:300]}; "
-                                 f"then {len(rest)} events, the last {rest[-3:]}; gauges {running}")
+            raise AssertionError(f"running {seen} after {first[:300]}; then {len(rest)} events, the last {rest[-3:]}")
     wait_idle(server)
     # a non-streaming client that gives up
     with pytest.raises(httpx.TimeoutException):
