@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +45,59 @@ def isolated_home(tmp_path, monkeypatch) -> Path:
     """An empty model store for tests that pull or remove."""
     monkeypatch.setenv("CAMELID_HOME", str(tmp_path / "home"))
     return tmp_path / "home"
+
+
+def camelid_cli(*args: str, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The `camelid` command as a user runs it: a real subprocess, its output captured as text."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "camelid", *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def one_line_error(r: subprocess.CompletedProcess) -> str:
+    """The single `camelid: error: ...` line a failed command printed (no traceback, nothing else on stderr)."""
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("camelid: error:"), r.stderr
+    return lines[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(model_path, *flags: str):
+    """`python -m camelid.serve MODEL --port P FLAGS...` on loopback, up and healthy: yields (base URL, process)."""
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "camelid.serve", str(model_path), "--port", str(port), *flags]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)  # polling for the server to come up
+    else:
+        proc.kill()
+        pytest.fail("the server did not come up in 300 s")
+    try:
+        yield base, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def require_llama_cpp():

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
+from conftest import camelid_cli, one_line_error
 
-
-def camelid(*args: str, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "camelid", *args], input=stdin, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+camelid = camelid_cli
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess, needle: str) -> None:
-    assert r.returncode != 0
-    assert "Traceback" not in r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("camelid: error:"), r.stderr
-    assert needle in lines[0]
+    assert needle in one_line_error(r)
 
 
 def test_run_answers_with_the_default_model(default_model_path):

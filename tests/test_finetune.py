@@ -10,6 +10,8 @@ import sys
 
 import pytest
 import torch
+from conftest import camelid_cli as run
+from conftest import free_port, one_line_error
 from gguf import GGMLQuantizationType as GQ
 from gguf_factory import Spec, byte_level_vocab, write_gguf
 
@@ -96,34 +98,24 @@ def test_full_finetune_writes_a_model_folder(tmp_path, tiny):
     assert tuned.encode_chat(RECORDS[0]["messages"]) == base.encode_chat(RECORDS[0]["messages"])  # same tokenizer
 
 
-def camelid_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "camelid", *args], capture_output=True, text=True, timeout=300)
-
-
-def _one_line(r: subprocess.CompletedProcess) -> str:
-    lines = [x for x in r.stderr.splitlines() if x.strip()]
-    assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("camelid: error:"), r.stderr
-    return lines[0]
-
-
 def test_mistakes_are_one_line(tmp_path, tiny):
     paths, data, _ = tiny
     model = str(paths["f32"])
-    assert "no such data file" in _one_line(camelid_cli("finetune", model, "--data", str(tmp_path / "nope.jsonl"),
+    assert "no such data file" in one_line_error(run("finetune", model, "--data", str(tmp_path / "nope.jsonl"),
                                                          "--out", str(tmp_path / "o")))
-    assert "unknown LoRA target 'lm_head'" in _one_line(camelid_cli("finetune", model, "--data", str(data), "--out",
+    assert "unknown LoRA target 'lm_head'" in one_line_error(run("finetune", model, "--data", str(data), "--out",
                                                                      str(tmp_path / "o"), "--targets", "q,lm_head"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(RECORDS[0]) + "\n" + '{"messages": [{"role": "wizard", "content": "x"}]}\n')
-    line = _one_line(camelid_cli("finetune", model, "--data", str(bad), "--out", str(tmp_path / "o")))
+    line = one_line_error(run("finetune", model, "--data", str(bad), "--out", str(tmp_path / "o")))
     assert f"{bad}:2" in line
-    assert "--resume" in _one_line(camelid_cli("finetune", model, "--data", str(data), "--out", str(tmp_path / "o"),
+    assert "--resume" in one_line_error(run("finetune", model, "--data", str(data), "--out", str(tmp_path / "o"),
                                                "--resume"))
     full = tmp_path / "full"
     full.mkdir()
     (full / "x").write_text("x")
-    assert "not empty" in _one_line(camelid_cli("finetune", model, "--data", str(data), "--out", str(full)))
-    assert "not both" in _one_line(camelid_cli("finetune", model, "--data", str(data), "--out", str(tmp_path / "o"),
+    assert "not empty" in one_line_error(run("finetune", model, "--data", str(data), "--out", str(full)))
+    assert "not both" in one_line_error(run("finetune", model, "--data", str(data), "--out", str(tmp_path / "o"),
                                                "--steps", "2", "--epochs", "1"))
 
 
@@ -131,15 +123,11 @@ def test_mistakes_are_one_line(tmp_path, tiny):
 def test_two_processes_under_torchrun_give_the_losses_of_one(tmp_path, tiny):
     """`torchrun --nproc-per-node 2 -m camelid finetune` (FSDP2 on gloo, batch 1 per process) against one process
     with batch 2: the same global batch, so the same losses (small tolerance: the sums are reduced differently)."""
-    import socket
-
     paths, data, _ = tiny
     flags = ["--data", str(data), "--steps", "4", "--seq-len", "128", "--dropout", "0", "--lr", "1e-2"]
     one = tmp_path / "one"
     assert main(["finetune", str(paths["f32"]), "--out", str(one), "--batch-size", "2", *flags]) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     two = tmp_path / "two"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                         "--master-port", str(port), "-m", "camelid", "finetune", str(paths["f32"]), "--out", str(two),

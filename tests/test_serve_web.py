@@ -12,13 +12,11 @@ import functools
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import running_server
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("CAMELID_CHROMIUM", "/usr/bin/chromium")
@@ -246,39 +244,13 @@ def test_errors_are_shown_in_the_page(browser):
 
 # --- a real server with the default model ---
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(default_model_path):
-    httpx = pytest.importorskip("httpx")
-    port = free_port()
-    cmd = [sys.executable, "-m", "camelid.serve", str(default_model_path), "--port", str(port), "--api-key", KEY,
-           "--model-id", MODEL, "--max-concurrency", "2", "--max-seq-len", "1024", "--log-level", "warning", "--reference"]
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)  # polling for the server to come up, not a wait in a test
-    else:
-        proc.kill()
-        pytest.fail("the server did not come up in 300 s")
-    yield base
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    pytest.importorskip("httpx")
+    flags = ["--api-key", KEY, "--model-id", MODEL, "--max-concurrency", "2", "--max-seq-len", "1024",
+             "--log-level", "warning", "--reference"]
+    with running_server(default_model_path, *flags) as (base, _):
+        yield base
 
 
 def running_sequences(base: str) -> float:
