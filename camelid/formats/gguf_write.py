@@ -190,9 +190,9 @@ def gguf_vocab(ckpt: Checkpoint) -> Fields:
 def _copied_vocab(path: Path) -> Fields:
     from gguf import GGUFValueType
 
-    from .gguf import _open
+    from .gguf import _reader_class
 
-    reader = _open(path)
+    reader = _reader_class()(path)  # the fields with their GGUF value types (the reader's cache keeps values only)
     fields: Fields = {}
     for key, f in reader.fields.items():
         if key.startswith("tokenizer."):
