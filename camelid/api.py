@@ -136,4 +136,7 @@ def load(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype | Non
         from .train.lora import load_adapter
 
         load_adapter(model, adapter_data)
+    from .compiled import attach
+
+    attach(model, ckpt.path, quant)  # the compiled decode step, when `camelid compile` has built one
     return LLM(model, ckpt)

@@ -474,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(p)
     p.set_defaults(func=cmd_bench)
 
+    from .compiled import add_parser as compile_parser  # camelid compile: the AOTInductor decode step
+
+    compile_parser(sub)
     _add_finetune(sub)
 
     from .serve import add_arguments as serve_arguments  # flags only: the server's modules load on use

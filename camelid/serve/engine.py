@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import KVCache
+from ..compiled import step_for
 from ..sampling import GREEDY, SamplingParams, apply_penalties, filter_logits, sample
 from ..tokenizer import Tokenizer
 from .constrained import JsonConstraint
@@ -214,7 +215,9 @@ class Engine:
             elif s is not None:  # prefilling: write the dummy where its next chunk will overwrite it
                 positions[b, 0] = s.pos
         self._use_adapters(self.rows[:R])
-        logits = self.model(tokens.to(self.device), positions.to(self.device), self.cache.view(0, R))[:, -1].float().cpu()
+        tokens, positions, cache = tokens.to(self.device), positions.to(self.device), self.cache.view(0, R)
+        step = step_for(self.model)  # the compiled decode step when one is built (camelid compile)
+        logits = (step(tokens, positions, cache) if step else self.model(tokens, positions, cache)[:, -1]).float().cpu()
         for b in decoding:
             s = self.rows[b]
             s.pos += 1
