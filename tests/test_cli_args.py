@@ -39,6 +39,8 @@ CASES = {
                  ["quantize", "--to", "q8_0", "--out", "o.gguf", "--no-eval", "M"],
                  ["quantize", "--to", "q8_0", "M", "--out", "o.gguf", "--no-eval"]),
     "info": (["info", "M", "--json", "--template"], ["info", "--json", "--template", "M"], ["info", "--json", "M", "--template"]),
+    "compile": (["compile", "M", "--quant", "int8", "--force"], ["compile", "--quant", "int8", "--force", "M"],
+                ["compile", "--force", "M", "--quant", "int8"]),
     "bench": (["bench", "M", "--json", "--repeats", "1"], ["bench", "--json", "--repeats", "1", "M"],
               ["bench", "--json", "M", "--repeats", "1"]),
     "serve": (["serve", "M", "--port", "9", "--api-key", "k"], ["serve", "--port", "9", "--api-key", "k", "M"],
