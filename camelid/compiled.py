@@ -4,7 +4,7 @@
 filled prefix all dynamic) and compiles it to a `.pt2` package in the model store:
 
     $CAMELID_HOME/compiled/<key>.pt2     key = the model file (path, size, mtime), torch version, CPU features,
-                                         the quant mode and this module's STEP_VERSION
+                                         the quant mode, the activation type and STEP_VERSION
 
 The package holds code only: its weights are the loaded model's own tensors, handed to it at load
 (`load_constants(..., user_managed=True)`), so loading takes a fraction of a second and no second copy of the
@@ -75,15 +75,15 @@ def cpu_features() -> str:
     return platform.machine() + ":" + ",".join(w for w in wanted if w in flags)
 
 
-def package_path(model_path: str | os.PathLike, quant: str | None) -> Path:
-    """Where the package for this model file, torch, CPU and quant mode lives in the store."""
+def package_path(model_path: str | os.PathLike, quant: str | None, dtype: str = "torch.float32") -> Path:
+    """Where the package for this model file, torch, CPU, quant mode and activation type lives in the store."""
     import torch
 
     from .store import home
 
     p = Path(model_path).resolve()
     st = p.stat()
-    key = "|".join(map(str, (p, st.st_size, st.st_mtime_ns, torch.__version__, cpu_features(), quant, STEP_VERSION)))
+    key = "|".join(map(str, (p, st.st_size, st.st_mtime_ns, torch.__version__, cpu_features(), quant, dtype, STEP_VERSION)))
     return home() / "compiled" / f"{p.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt2"
 
 
@@ -154,7 +154,7 @@ def attach(model, model_path: str | os.PathLike, quant: str | None, wait: bool =
     if quant is None or os.environ.get("CAMELID_COMPILED") == "0" or getattr(model, "lora_state", None) is not None:
         return False
     try:
-        path = package_path(model_path, quant)
+        path = package_path(model_path, quant, str(model.dtype))
     except OSError:
         return False
     if not path.is_file():
