@@ -6,10 +6,11 @@ filled prefix all dynamic) and compiles it to a `.pt2` package in the model stor
     $CAMELID_HOME/compiled/<key>.pt2     key = the model file (path, size, mtime), torch version, CPU features,
                                          the quant mode, the activation type and STEP_VERSION
 
-The package holds code only: its weights are the loaded model's own tensors, handed to it at load
-(`load_constants(..., user_managed=True)`), so loading takes a fraction of a second and no second copy of the
-weights. Prefill, adapters and the reference path stay eager; `attach(model, path)` finds a package built for
-this model and machine and, when there is one, `step_for(model)` gives generate and the server's engine the
+The package carries a copy of the weights, but at load the model's own tensors replace them
+(`load_constants(..., user_managed=True)`), so the step
+reads the same tensors as the eager model (the copy's pages are mapped but not meant to be read).
+Prefill, adapters and the reference path stay eager; `attach(model, path)` finds a package built for this
+model and machine and, when there is one, `step_for(model)` gives generate and the server's engine the
 compiled step (eager serves when there is none: compilation never slows a `camelid run`).
 
 The step attends over the filled prefix only: the additive mask [B,1,1,S] it is given (S = the longest row's
@@ -114,8 +115,7 @@ def build(model, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}.pt2")
     try:
-        aoti_compile_and_package(program, package_path=str(tmp),
-                                 inductor_configs={"aot_inductor.package_constants_in_so": False})
+        aoti_compile_and_package(program, package_path=str(tmp))
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -129,13 +129,12 @@ class CompiledStep:
         from torch._inductor import aoti_load_package
 
         self.runner = aoti_load_package(str(path))
+        # the model's own tensors replace the package's copies (whose pages are then never read); the few constants
+        # Inductor made itself stay the package's
         named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
         state = {f"model.{k}": t for k, t in named}
-        wanted = self.runner.get_constant_fqns()
-        missing = [k for k in wanted if k not in state]
-        if missing:
-            raise ValueError(f"{path}: the package needs tensors the model lacks ({', '.join(missing[:3])})")
-        self.runner.load_constants({k: state[k] for k in wanted}, check_full_update=True, user_managed=True)
+        own = {k: state[k] for k in self.runner.get_constant_fqns() if k in state}
+        self.runner.load_constants(own, check_full_update=False, user_managed=True)
         self.dtype = model.dtype
 
     def __call__(self, tokens, positions, cache):
