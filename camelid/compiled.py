@@ -195,12 +195,12 @@ def command(args) -> None:
     import sys
     import time
 
+    import torch
+
     from .errors import CamelidError
     from .formats import read
     from .loader import build_model
     from .store import resolve
-
-    import torch
 
     if args.threads is not None:
         if args.threads < 1:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from gguf_factory import Spec, byte_level_vocab, write_gguf
+from test_serve_engine import Collector
 
 from camelid import compiled
 from camelid.cache import KVCache
@@ -13,9 +15,6 @@ from camelid.formats import read
 from camelid.generate import Request, generate
 from camelid.loader import build_model
 from camelid.serve.engine import Engine, make_sequence
-
-from gguf_factory import Spec, byte_level_vocab, write_gguf
-from test_serve_engine import Collector
 
 
 @pytest.fixture(scope="module")
