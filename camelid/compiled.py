@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 import weakref
 from pathlib import Path
 
@@ -110,12 +111,15 @@ def build(model, out: Path) -> Path:
     batch, span, cap = Dim("batch", min=1, max=256), Dim("span", min=2, max=1 << 20), Dim("cap", min=2, max=1 << 20)
     kv = tuple({0: batch, 2: cap} for _ in range(n))
     shapes = ({0: batch}, {0: batch}, {0: batch, 3: span}, kv, kv)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
         program = export(decode_step(model), _example(model), dynamic_shapes=shapes)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}.pt2")
     try:
-        aoti_compile_and_package(program, package_path=str(tmp))
+        with warnings.catch_warnings():  # torch's own deprecation notices from inside its export machinery
+            warnings.simplefilter("ignore", FutureWarning)
+            aoti_compile_and_package(program, package_path=str(tmp))
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -3,6 +3,8 @@ greedy tokens through generate and through the server's engine alone and beside 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
@@ -82,4 +84,4 @@ def test_package_key_follows_model_file_and_flags(tmp_path, monkeypatch):
     assert a != b and a.parent == tmp_path / "compiled"
     f.write_bytes(b"GGUF01")
     assert compiled.package_path(f, "auto") != a
-    assert compiled.attach(torch.nn.Linear(1, 1), f, "auto") is False  # nothing built: eager decodes
+    assert compiled.attach(SimpleNamespace(dtype=torch.float32), f, "auto") is False  # nothing built: eager decodes
