@@ -104,7 +104,7 @@ def prepare(paths: Sequence[str | os.PathLike], tokenizer: str | os.PathLike, ou
     period = max(2, round(1 / val_frac))
     buf: list[np.ndarray] = []
     buffered, blocks = 0, 0
-    bar = Progress(corpus.total_bytes, "prepare") if progress else None
+    bar = None  # drawn from the first usable document on (a corpus of bad files prints only its error)
     tok.backend.encode_special_tokens = True  # special-token names in the text are text
     seen = 0
 
@@ -135,6 +135,8 @@ def prepare(paths: Sequence[str | os.PathLike], tokenizer: str | os.PathLike, ou
             buffered += len(ids)
             if buffered >= block_tokens:
                 flush()
+            if progress and bar is None:
+                bar = Progress(corpus.total_bytes, "prepare")
             if bar is not None:
                 bar.update(corpus.report.bytes - seen, status=f"{corpus.report.documents:,} docs")
                 seen = corpus.report.bytes
