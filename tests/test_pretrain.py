@@ -274,7 +274,6 @@ def test_camelid_commands_take_the_output_folder(trained, tmp_path):
 def test_export_gguf_loads_in_llama_cpp(trained, tmp_path):
     from conftest import camelid_cli, require_llama_cpp
 
-    llama_cpp = require_llama_cpp()
     out = tmp_path / "m.gguf"
     r = camelid_cli("export", str(trained), "--to", "gguf", "--type", "f32", "--out", str(out))
     assert r.returncode == 0, r.stderr
@@ -287,12 +286,16 @@ def test_export_gguf_loads_in_llama_cpp(trained, tmp_path):
     import camelid
 
     llm = camelid.load(str(trained), quant=None)
-    peer = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False)
     ids = llm.tokenizer.encode("The llama walks over the hill", bos=True)
+    ours = llm.model(torch.tensor([ids]))[0]
+    back = camelid.load(str(out), quant=None)  # camelid's GGUF reader: the same tokens and logits
+    assert back.tokenizer.encode("The llama walks over the hill", bos=True) == ids
+    torch.testing.assert_close(back.model(torch.tensor([ids]))[0], ours, rtol=1e-5, atol=1e-5)
+    llama_cpp = require_llama_cpp()
+    peer = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False)
     assert peer.tokenize(b"The llama walks over the hill") == ids
     peer.eval(ids)
     theirs = torch.tensor(np.array(peer.scores[: len(ids)]))
-    ours = llm.model(torch.tensor([ids]))[0]
     torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
 
 
