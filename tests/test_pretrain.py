@@ -299,6 +299,22 @@ def test_export_gguf_loads_in_llama_cpp(trained, tmp_path):
     torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
 
 
+def test_init_continues_pretraining_an_existing_model(trained, data_dir, tmp_path):
+    """--init starts from the model's weights (the first loss is the trained model's, not a fresh one's)."""
+    from conftest import camelid_cli, one_line_error
+
+    out = tmp_path / "more"
+    r = camelid_cli("pretrain", "--init", str(trained), "--data", str(data_dir), "--out", str(out), "--steps", "2",
+                    "--seq-len", "32", "--batch-size", "4", "--eval-batches", "0", "--sample-tokens", "0", "--peak-flops", "1e11")
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = read_metrics(trained)[0]["loss"]
+    assert read_metrics(out)[0]["loss"] < first - 0.05
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == CONFIG["dim"]
+    line = one_line_error(camelid_cli("pretrain", "--init", str(trained), "--preset", "tiny", "--data", str(data_dir),
+                                      "--out", str(tmp_path / "x")))
+    assert "give no --preset" in line
+
+
 # --- fault tolerance and processes -----------------------------------------------------------------------------
 
 
