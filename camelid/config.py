@@ -32,6 +32,19 @@ class ModelConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     head_dim_override: int | None = field(default=None)
+    # Llama 4 (the defaults are plain Llama: no experts, RoPE and full attention everywhere)
+    arch: str = "llama"
+    moe_layers: tuple[int, ...] = ()  # layers whose feed-forward is routed experts + a shared expert
+    n_experts: int = 0
+    n_experts_used: int = 1  # top-k of the router
+    expert_hidden_dim: int = 0  # inner size of each routed expert and of the shared expert
+    nope_layers: tuple[int, ...] = ()  # layers without RoPE (full causal attention)
+    chunked_layers: tuple[int, ...] = ()  # layers where a query sees only its own attention_chunk_size chunk
+    attention_chunk_size: int = 0
+    qk_norm: bool = False  # weightless RMS norm of q and k after RoPE, on RoPE layers only
+    attn_temperature_tuning: bool = False  # NoPE layers scale q by log1p(floor((p+1)/floor_scale))*attn_scale+1
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_kv_heads:
@@ -43,14 +56,18 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.head_dim_override or self.dim // self.n_heads
 
-    def param_count(self) -> int:
-        """Number of parameters (embedding counted once when tied)."""
+    def param_count(self, active: bool = False) -> int:
+        """Number of parameters (embedding counted once when tied); active=True counts only the routed experts
+        one token uses (n_experts_used of n_experts in each MoE layer)."""
         hd = self.head_dim
         attn = self.dim * hd * (self.n_heads * 2 + self.n_kv_heads * 2)
-        ffn = 3 * self.dim * self.hidden_dim
-        per_layer = attn + ffn + 2 * self.dim
+        per_layer = attn + 2 * self.dim
+        n_moe = len(self.moe_layers)
+        experts = self.n_experts_used if active else self.n_experts
+        moe = self.dim * self.n_experts + 3 * self.dim * self.expert_hidden_dim * (experts + 1)
+        ffn = (self.n_layers - n_moe) * 3 * self.dim * self.hidden_dim + n_moe * moe
         emb = self.vocab_size * self.dim
-        return self.n_layers * per_layer + self.dim + emb * (1 if self.tie_embeddings else 2)
+        return self.n_layers * per_layer + ffn + self.dim + emb * (1 if self.tie_embeddings else 2)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -60,6 +77,9 @@ class ModelConfig:
         d = dict(d)
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        for key in ("moe_layers", "nope_layers", "chunked_layers"):
+            if key in d:
+                d[key] = tuple(d[key])
         return cls(**d)
 
 
