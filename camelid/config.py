@@ -45,6 +45,7 @@ class ModelConfig:
     attn_temperature_tuning: bool = False  # NoPE layers scale q by log1p(floor((p+1)/floor_scale))*attn_scale+1
     floor_scale: float = 8192.0
     attn_scale: float = 0.1
+    rope_factors: tuple[float, ...] = ()  # per-frequency divisors applied as given (a llama4 GGUF's rope_freqs)
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_kv_heads:
@@ -77,7 +78,7 @@ class ModelConfig:
         d = dict(d)
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-        for key in ("moe_layers", "nope_layers", "chunked_layers"):
+        for key in ("moe_layers", "nope_layers", "chunked_layers", "rope_factors"):
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)

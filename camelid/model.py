@@ -240,7 +240,10 @@ class Transformer(nn.Module):
         cfg = self.config
         device = self.device
         if device.type != "meta":  # on the meta device there is nothing to compute yet
-            self.inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+            inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+            if cfg.rope_factors:  # divisors as a file gives them (llama4 GGUF rope_freqs)
+                inv_freq = inv_freq / torch.tensor(cfg.rope_factors, dtype=torch.float32)
+            self.inv_freq = inv_freq.to(device)
 
     def forward(
         self,
