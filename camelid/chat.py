@@ -1,4 +1,4 @@
-"""Chat prompts: the model's own jinja template (sandboxed), or a built-in llama-2 / llama-3 / chatml one.
+"""Chat prompts: the model's own jinja template (sandboxed), or a built-in llama-2 / llama-3 / llama-4 / chatml one.
 
 Encoding happens in token space where it matters: a special token's name typed inside a message is
 encoded as plain text, so user text can never open or close a turn.
@@ -45,7 +45,12 @@ LLAMA2 = (  # Meta's format: the system prompt folded into the first user turn
     "{{ bos_token + '[INST] ' + content | trim + ' [/INST]' }}"
     "{% else %}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{% endif %}{% endfor %}"
 )
-BUILTIN = {"chatml": CHATML, "llama-3": LLAMA3, "llama-2": LLAMA2}
+LLAMA4 = (  # Llama 4's turns: <|header_start|>role<|header_end|>\n\n content <|eot|>
+    "{{ bos_token }}{% for message in messages %}{{ '<|header_start|>' + message['role'] + '<|header_end|>\n\n'"
+    " + message['content'] + '<|eot|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|header_start|>assistant<|header_end|>\n\n' }}{% endif %}"
+)
+BUILTIN = {"chatml": CHATML, "llama-3": LLAMA3, "llama-4": LLAMA4, "llama-2": LLAMA2}
 
 
 class TemplateError(CamelidError, ValueError):
@@ -55,6 +60,8 @@ class TemplateError(CamelidError, ValueError):
 def builtin_for(tokenizer: Tokenizer) -> str:
     """The built-in format that fits a vocabulary without a template of its own."""
     names = {tokenizer.backend.id_to_token(i) for i in tokenizer.special_ids}
+    if "<|header_start|>" in names:
+        return "llama-4"
     if "<|start_header_id|>" in names:
         return "llama-3"
     if "<|im_start|>" in names:
