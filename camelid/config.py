@@ -90,3 +90,30 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None 
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def _layers(ids: tuple[int, ...], n: int) -> str:
+    if not ids:
+        return "none"
+    if len(ids) == n:
+        return "all"
+    return ",".join(map(str, ids))
+
+
+def llama4_summary(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """`camelid info` rows for a Llama 4 model: experts, active parameters, the layer pattern."""
+    n = cfg.n_layers
+    rows = []
+    if cfg.moe_layers:
+        rows.append(("experts", f"{cfg.n_experts} routed (top-{cfg.n_experts_used}, dim {cfg.expert_hidden_dim}) "
+                                f"+ 1 shared, on layers {_layers(cfg.moe_layers, n)}"))
+        rows.append(("active parameters", f"{cfg.param_count(active=True) / 1e6:.1f} M per token"))
+    else:
+        rows.append(("experts", "none (dense)"))
+    pattern = "".join(("M" if i in cfg.moe_layers else "D") + ("c" if i in cfg.chunked_layers else "n" if i in
+                      cfg.nope_layers else "f") for i in range(n))
+    rows.append(("layer pattern", f"{pattern} (M MoE / D dense; c chunked RoPE, f full RoPE, n NoPE full)"))
+    temp = f", temperature floor {cfg.floor_scale:g} scale {cfg.attn_scale:g}" if cfg.attn_temperature_tuning else ""
+    rows.append(("attention", f"chunk {cfg.attention_chunk_size or '-'} on layers {_layers(cfg.chunked_layers, n)}; "
+                              f"NoPE on {_layers(cfg.nope_layers, n)}{temp}; QK norm {'on' if cfg.qk_norm else 'off'}"))
+    return rows

@@ -143,3 +143,31 @@ def test_hub_style_config(tmp_path):
         ref = ref_model(ids).logits.float()
     got = build_model(read(folder))(ids)
     assert (got - ref).abs().max().item() < 1e-4
+
+
+def test_param_counts(folders):
+    ref, folder = folders["step2-qk"]
+    cfg = read(folder).config
+    assert cfg.param_count() == sum(p.numel() for p in ref.parameters())
+    routed = sum(p.numel() for n, p in ref.named_parameters() if ".experts." in n)
+    assert cfg.param_count(active=True) == cfg.param_count() - routed * (cfg.n_experts - 1) // cfg.n_experts
+
+
+def test_info_and_quantize_cli(tmp_path):
+    from conftest import camelid_cli, one_line_error
+
+    folder = F.save(F.conditional_generation(interleave_moe_layer_step=2), tmp_path / "cg")
+    r = camelid_cli("info", str(folder))
+    assert r.returncode == 0, r.stderr
+    rows = dict(line.split(None, 1) if "  " not in line else [s.strip() for s in line.split("  ", 1)]
+                for line in r.stdout.splitlines() if line.strip())
+    assert rows["architecture"] == "llama4 (Llama4ForConditionalGeneration)"
+    assert rows["experts"].startswith("4 routed (top-1, dim 48) + 1 shared, on layers 1,3,5,7")
+    assert rows["layer pattern"].startswith("DcMcDcMnDcMcDcMn")
+    assert rows["vision tower"].startswith("skipped: ")
+    assert "active parameters" in rows and "<|eot|>" in rows["stop tokens"]
+    r = camelid_cli("quantize", str(folder), "--to", "int8", "--out", str(tmp_path / "x"))
+    assert "written as GGUF only" in one_line_error(r)
+    r = camelid_cli("quantize", str(folder), "--to", "q8_0", "--out", str(tmp_path / "m.gguf"), "--no-eval")
+    assert r.returncode == 0, r.stderr
+    assert read(tmp_path / "m.gguf").config.moe_layers == (1, 3, 5, 7)
