@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache
+from .cache import KVCache, update_chunked
 from .config import ModelConfig, RopeScaling
 
 
@@ -116,9 +116,10 @@ class Attention(nn.Module):
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B,H|K,T,E]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         else:
-            k, v, mask = cache.update(self.layer, positions, k, v)  # [B,K,S,E], mask [B,1,T,S] or None: causal
-            if self.chunk:  # slot s holds position s: the chunk rule replaces the causal one
-                mask = chunk_visible(positions, torch.arange(k.shape[2], device=k.device), self.chunk)
+            if self.chunk:  # Llama 4's chunked layers keep one chunk of slots
+                k, v, mask = update_chunked(cache, self.layer, positions, k, v, self.chunk)
+            else:
+                k, v, mask = cache.update(self.layer, positions, k, v)  # [B,K,S,E], mask [B,1,T,S] or None: causal
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None,
                                                  enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))

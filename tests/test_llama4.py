@@ -171,3 +171,21 @@ def test_info_and_quantize_cli(tmp_path):
     r = camelid_cli("quantize", str(folder), "--to", "q8_0", "--out", str(tmp_path / "m.gguf"), "--no-eval")
     assert r.returncode == 0, r.stderr
     assert read(tmp_path / "m.gguf").config.moe_layers == (1, 3, 5, 7)
+
+
+def test_chunked_layers_keep_one_chunk_of_kv(folders):
+    """Chunked layers hold attention_chunk_size KV slots, NoPE layers all positions; prompts fed in pieces that
+    straddle chunk boundaries (5, 13, 30 tokens) give the logits of one whole pass."""
+    from camelid.cache import KVCache
+
+    model = build_model(read(folders["step1-qk"][1]))
+    cache = KVCache.for_model(model, 1, 200)
+    assert [cache.k[i].shape[2] for i in range(8)] == [16, 16, 16, 200, 16, 16, 16, 200]
+    ids = prompt_ids()
+    whole = model(ids)
+    cache = KVCache.for_model(model, 1, 48)
+    parts, start = [], 0
+    for n in (5, 13, 30):
+        parts.append(model(ids[:, start:start + n], torch.arange(start, start + n)[None], cache))
+        start += n
+    assert (torch.cat(parts, 1) - whole).abs().max().item() < 1e-4

@@ -10,11 +10,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from gguf_factory import _add_vocab, byte_level_vocab, random_blocks
 
 from camelid.eval.perplexity import perplexity
 from camelid.formats import read
 from camelid.loader import build_model
-from gguf_factory import _add_vocab, byte_level_vocab, random_blocks
 
 Q8 = gguf.GGMLQuantizationType.Q8_0
 D, FF, X, LAYERS, HEADS, KV, HEAD = 512, 1024, 128, 2, 8, 2, 64
