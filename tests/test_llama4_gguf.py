@@ -99,6 +99,9 @@ def test_camelid_writer_round_trip(tmp_path):
     with torch.no_grad():
         want = ref(x).logits.float()
     assert (build_model(ckpt)(x) - want).abs().max().item() < 1e-4
+    # the vocabulary travels with llama.cpp's pre-tokenizer name "llama4" and splits the same way
+    text = "HTTPServer's URLs/paths: naïve CAFÉ 12345 東京\n\n  tabs\tand 'quotes' DON'T"
+    assert ckpt.tokenizer.encode(text) == hf.tokenizer.encode(text)
 
 
 def test_fast_path_on_q8_0_copy(tmp_path):
