@@ -25,6 +25,8 @@ from .constrained import JsonConstraint, Node, SchemaError, compile_schema, json
 from .params import ApiError
 
 TAIL = 256  # bytes of free text kept to spot a call's opening
+# camelid's own format gives tool results back as a user turn, ending with this
+AFTER_RESULTS = "\nAnswer the question with it in plain words, or call another tool if one is needed."
 
 
 @dataclass
@@ -66,9 +68,10 @@ def _function(t, i: int) -> dict:
 
 def parse_request(body: dict, template: str) -> ToolRequest | None:
     """The request's tool options, or None when it gives no tools. 400s for every mistake."""
-    if body.get("functions") is not None or body.get("function_call") is not None:
-        raise ApiError(400, "'functions' and 'function_call' are the deprecated form of 'tools' and 'tool_choice': "
-                            "send those instead", "functions", "unsupported_parameter")
+    for old, new in (("functions", "tools"), ("function_call", "tool_choice")):
+        if body.get(old) is not None:
+            raise ApiError(400, f"'{old}' is the deprecated form of '{new}': send '{new}' instead", old,
+                           "unsupported_parameter")
     tools = body.get("tools")
     choice = body.get("tool_choice")
     parallel = body.get("parallel_tool_calls", True)
@@ -151,11 +154,11 @@ def prepare(messages: list[dict], template: str, req: ToolRequest | None) -> tup
             content = m.get("content")
             if isinstance(content, list):
                 content = "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-            line = f"Result of {name}: {content if isinstance(content, str) else json.dumps(content)}"
+            line = f"The tool {name} returned: {content if isinstance(content, str) else json.dumps(content)}"
             if out and out[-1].get("_results"):
-                out[-1]["content"] += "\n" + line
+                out[-1]["content"] = out[-1]["content"].removesuffix(AFTER_RESULTS) + "\n" + line + AFTER_RESULTS
                 continue
-            m = {"role": "user", "content": line, "_results": True}
+            m = {"role": "user", "content": line + AFTER_RESULTS, "_results": True}
         out.append(m)
     for m in out:
         m.pop("_results", None)
