@@ -8,8 +8,10 @@
   pythonic     templates that ask for `[func_name1(params_name1=params_value1, ...)]` (Llama 3.2 / 4 style)
   hermes       `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Qwen, Hermes)
   json         camelid's own format, for templates with no tool syntax (the default model's): the tools are
-               described in a system message, and a call is one JSON object per call,
-               `{"name": "<tool name>", "arguments": {<argument name>: <value>, ...}}`
+               described in a system message, a call is one JSON object per call,
+               `{"name": "<tool name>", "arguments": {<argument name>: <value>, ...}}`, earlier calls are
+               written that way in the assistant's turn and results come back in a user turn
+               ("The tool NAME returned: ...", see camelid/serve/tools.py)
 
 Reading is the same permissive scan for every format, so a model that mixes styles still works: a JSON call
 is an object that starts `{"name": "<one of the given tool names>", "arguments"|"parameters": ` (a bare
@@ -162,8 +164,8 @@ def _arguments(text: str, i: int, final: bool) -> tuple[str, int, bool]:
     return text[i:j], j, False
 
 
-def _pythonic_end(text: str, i: int) -> int | None:
-    """Index after the `]` that closes the list opened at text[i], or None if it is not closed yet."""
+def _closing(text: str, i: int) -> int | None:
+    """Index after the bracket that closes the one at text[i] (strings skipped), or None if not closed yet."""
     depth, quote, esc = 0, "", False
     for j in range(i, len(text)):
         ch = text[j]
@@ -316,7 +318,7 @@ def _body_at(text: str, j: int, names, final: bool, builtin: bool):
         status, _, _ = _match(text, k, [names, None, "("])
         if status != "yes":
             return None if status == "no" else _more(final)
-        end = _pythonic_end(text, j)
+        end = _closing(text, j)
         if end is None:
             return _more(final)
         calls = _pythonic_calls(text[j:end], names)
@@ -328,34 +330,11 @@ def _body_at(text: str, j: int, names, final: bool, builtin: bool):
         status, _, _ = _match(text, j, [word.group(0) + ".call("])
         if status != "yes":
             return None if status == "no" else _more(final)
-        end = _paren_end(text, j)
+        end = _closing(text, text.index("(", j))
         if end is None:
             return _more(final)
         calls = _pythonic_calls(text[j:end], None)
         return None if calls is None else (calls, end)
-    return None
-
-
-def _paren_end(text: str, j: int) -> int | None:
-    """Index after the `)` that closes the first `(` at or after j, or None if it is not closed yet."""
-    depth, quote, esc = 0, "", False
-    for i in range(text.index("(", j), len(text)):
-        ch = text[i]
-        if quote:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == quote:
-                quote = ""
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-            if depth == 0:
-                return i + 1
     return None
 
 

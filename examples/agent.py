@@ -34,7 +34,7 @@ TOOLS = [
 
 messages = [{"role": "user", "content": "What is the weather in Paris?"}]
 choice = "required"  # a 135M model: make the first step a call (a larger model can start with "auto")
-for step in range(4):
+for _ in range(4):  # at most four rounds
     reply = client.chat.completions.create(model="smollm2-135m-instruct", messages=messages, tools=TOOLS,
                                            tool_choice=choice, parallel_tool_calls=False, temperature=0,
                                            max_tokens=100).choices[0].message

@@ -287,13 +287,12 @@ def test_llama31_round_trip_renders_as_transformers(tmp_path):
     """Messages as an OpenAI client sends them (arguments a JSON string) through camelid's prompt path, against
     transformers' apply_chat_template on the same conversation with the arguments as an object (as its docs
     ask): byte-identical, with no argument encoded twice."""
+    from gguf_factory import Spec, byte_level_vocab, write_gguf
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
     from camelid import chat as chat_mod
     from camelid.formats import read
-
-    from gguf_factory import Spec, byte_level_vocab, write_gguf
 
     template = (DATA / "llama-3.1-8b-instruct.jinja").read_text()
     path = tmp_path / "tiny-llama31.gguf"

@@ -20,12 +20,12 @@ from starlette.routing import Route
 from .. import chat as chat_mod
 from ..textstream import TextStream
 from ..tokenizer import Tokenizer
+from . import tools as tool_stage
 from .constrained import JsonConstraint
 from .engine import Engine, EngineStoppedError, Finish, QueueFullError, Token, make_sequence
 from .metrics import Metrics
 from .params import ApiError, GenParams, Limits, check_fits, messages_of, parse_common, prompt_of
 from .tools import ChatOutput, ToolRequest
-from . import tools as tool_stage
 
 OPEN_PATHS = {"/health", "/"}  # no key needed: liveness, and the static chat page (it holds no data)
 
