@@ -40,6 +40,25 @@ class ToolRequest:
     fmt: tf.ToolFormat
 
 
+def _simplify(schema):
+    """Pydantic's Optional[X] (`anyOf: [{"type": X}, {"type": "null"}]`, as LangChain and LlamaIndex send it) as the
+    type list the schema engine takes; other schemas unchanged (the engine refuses what it cannot do)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if "items" in schema:
+        out["items"] = _simplify(schema["items"])
+    if isinstance(schema.get("properties"), dict):
+        out["properties"] = {k: _simplify(v) for k, v in schema["properties"].items()}
+    branches = schema.get("anyOf")
+    simple = {"type", "title", "description"}
+    if isinstance(branches, list) and branches and all(
+            isinstance(b, dict) and isinstance(b.get("type"), str) and set(b) <= simple for b in branches):
+        out.pop("anyOf")
+        out["type"] = [b["type"] for b in branches]
+    return out
+
+
 def _function(t, i: int) -> dict:
     where = f"tools[{i}]"
     if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(t.get("function"), dict):
@@ -54,6 +73,7 @@ def _function(t, i: int) -> dict:
         params = {"type": "object", "properties": {}}
     if not isinstance(params, dict):
         raise ApiError(400, f"{where}.function.parameters must be a JSON schema object", "tools", "invalid_type")
+    params = _simplify(params)
     if "type" not in params:
         params = {**params, "type": "object"}
     if params.get("type") != "object":
