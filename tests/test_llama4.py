@@ -95,18 +95,19 @@ def _greedy(model, prompts, n):
     return outs
 
 
-@pytest.mark.parametrize("variant", ["step1-qk", "step2-noqk"])
-def test_decode_across_chunks_equals_one_pass(folders, variant):
+@pytest.mark.slow
+def test_decode_across_chunks_equals_one_pass(folders):
     """40 greedy tokens decoded one by one (crossing chunk boundaries 16, 32, 48) equal the argmax of one full
     pass over the result, alone and batched beside a longer prompt."""
-    model = build_model(read(folders[variant][1]))
+    model = build_model(read(folders["step2-noqk"][1]))
     short, long = prompt_ids(10, seed=2)[0].tolist(), prompt_ids(21, seed=3)[0].tolist()
     alone = _greedy(model, [short], 40)[0]
     full = model(torch.tensor([short + alone]))[0]
     assert full[len(short) - 1:-1].argmax(-1).tolist() == alone
     batched = _greedy(model, [long, short], 40)
     assert batched[1] == alone
-    assert batched[0] == _greedy(model, [long], 40)[0]
+    full = model(torch.tensor([long + batched[0]]))[0]
+    assert full[len(long) - 1:-1].argmax(-1).tolist() == batched[0]
 
 
 def test_conditional_generation_folder(tmp_path):
