@@ -309,6 +309,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def _info_rows(ckpt) -> list[tuple[str, str]]:
     from .chat import template_for
+    from .config import llama4_summary
 
     cfg = ckpt.config
     tok = ckpt.tokenizer
@@ -320,7 +321,7 @@ def _info_rows(ckpt) -> list[tuple[str, str]]:
         ("path", str(ckpt.path)),
         ("format", ckpt.format + (f" ({ckpt.info['format_reason']})" if ckpt.info.get("format_reason") else "")),
         ("name", str(ckpt.info.get("name") or "-")),
-        ("architecture", "llama"),
+        ("architecture", cfg.arch + (f" ({ckpt.info['architecture']})" if ckpt.info.get("architecture") else "")),
         ("parameters", f"{cfg.param_count() / 1e6:.1f} M"),
         ("quantization", str(ckpt.info.get("quantization") or "-")),
         ("tensor types", ", ".join(ckpt.info.get("tensor_types", [])) or "-"),
@@ -328,6 +329,8 @@ def _info_rows(ckpt) -> list[tuple[str, str]]:
         ("model dim", str(cfg.dim)),
         ("heads / kv heads", f"{cfg.n_heads} / {cfg.n_kv_heads} (head dim {cfg.head_dim})"),
         ("feed-forward dim", str(cfg.hidden_dim)),
+        *(llama4_summary(cfg) if cfg.arch == "llama4" else []),
+        *((("vision tower", str(ckpt.info["vision_tower"])),) if "vision_tower" in ckpt.info else ()),
         ("vocabulary", f"{cfg.vocab_size} ({'byte-level BPE' if tok.kind == 'bpe' else 'SentencePiece'})"),
         ("context length", str(cfg.max_seq_len)),
         ("rope", f"theta {cfg.rope_theta:g}{scaling}"),
