@@ -156,6 +156,8 @@ def attach(model, model_path: str | os.PathLike, quant: str | None, wait: bool =
     CAMELID_COMPILED=0 turns it off."""
     if quant is None or os.environ.get("CAMELID_COMPILED") == "0" or getattr(model, "lora_state", None) is not None:
         return False
+    if getattr(getattr(model, "config", None), "chunked_layers", ()):  # Llama 4's ring-buffer layers: eager only
+        return False
     try:
         path = package_path(model_path, quant, str(model.dtype))
     except OSError:
@@ -216,6 +218,8 @@ def command(args) -> None:
         print(f"{out} (already built; --force to rebuild)")
         return
     model = build_model(read(path), quant=args.quant)
+    if model.config.chunked_layers:
+        raise CamelidError("the compiled decode step does not cover chunked attention (Llama 4) yet; it decodes eagerly")
     print(f"camelid: compiling the decode step of {path.name} (a few minutes) ...", file=sys.stderr, flush=True)
     t = time.perf_counter()
     build(model, out)
