@@ -222,6 +222,10 @@ def command(args) -> None:
         raise CamelidError("the compiled decode step does not cover chunked attention (Llama 4) yet; it decodes eagerly")
     print(f"camelid: compiling the decode step of {path.name} (a few minutes) ...", file=sys.stderr, flush=True)
     t = time.perf_counter()
-    build(model, out)
+    try:
+        build(model, out)
+    except Exception as e:  # export or the C++ compiler refused: one line, the eager path still serves
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CamelidError(f"could not compile the decode step ({type(e).__name__}: {first}); decoding stays eager") from None
     print(f"camelid: built in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     print(out)
