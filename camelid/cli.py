@@ -220,14 +220,29 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
     ids = llm.tokenizer.encode(text, special=False, bos=True)
     if len(ids) < 2:
         raise CamelidError(f"{path}: needs at least two tokens of text")
-    bar = Progress(len(ids) - 1, "scoring", unit="tokens")
-    try:
-        r = perplexity(llm.model, ids, args.context, progress=bar.update)
-    except ValueError as e:
-        raise CamelidError(str(e)) from None
+    if args.chunks is not None:
+        from .eval.perplexity import chunked_perplexity
+
+        n_ctx = args.context or 512  # llama-perplexity's default -c
+        bar = Progress(max(1, len(ids) // n_ctx), "scoring", unit="chunks")
+        try:
+            bos = llm.tokenizer.bos_id if llm.tokenizer.add_bos else None  # llama.cpp: BOS first in each chunk
+            r = chunked_perplexity(llm.model, ids, n_ctx, args.chunks or None, bos, progress=bar.update)
+        except ValueError as e:
+            raise CamelidError(str(e)) from None
+    else:
+        bar = Progress(len(ids) - 1, "scoring", unit="tokens")
+        try:
+            r = perplexity(llm.model, ids, args.context, progress=bar.update)
+        except ValueError as e:
+            raise CamelidError(str(e)) from None
     bar.close()
     if args.json:
-        print(json.dumps({"perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens, "scored": r.scored, "windows": r.windows}))
+        print(json.dumps({"perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens, "scored": r.scored, "windows": r.windows,
+                          **({"chunks": r.windows, "stderr": r.stderr} if args.chunks is not None else {})}))
+    elif args.chunks is not None:
+        print(f"perplexity {r.perplexity:.4f} +/- {r.stderr:.5f}  tokens {r.tokens}  (llama.cpp-style: {r.windows} chunks of "
+              f"{args.context or 512}, scored {r.scored}, mean NLL {r.nll:.4f} nats)")
     else:
         print(f"perplexity {r.perplexity:.4f}  tokens {r.tokens}  (scored {r.scored}, windows {r.windows}, mean NLL {r.nll:.4f} nats)")
 
@@ -429,7 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("perplexity", help="perplexity of a text file")
     p.add_argument("args", nargs="+", metavar="[MODEL] FILE")
-    p.add_argument("--context", type=int, default=None, metavar="N", help="window length (default: the context length)")
+    p.add_argument("--context", type=int, default=None, metavar="N",
+                   help="window length (default: the context length; 512 with --chunks, as llama-perplexity)")
+    p.add_argument("--chunks", type=int, nargs="?", const=0, default=None, metavar="N",
+                   help="llama-perplexity's figure: non-overlapping chunks of --context tokens, second half of each "
+                        "scored (N: at most N chunks)")
     p.add_argument("--threads", type=int, default=None, metavar="N")
     p.add_argument("--json", action="store_true")
     _add_runtime(p, fast=False)  # perplexity is a measurement: the reference path unless asked
