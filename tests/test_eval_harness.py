@@ -122,7 +122,7 @@ def test_local_task_end_to_end(tmp_path, folder, both):
     """`camelid eval --tasks FILE.yaml` (data file next to the YAML, run from elsewhere, offline) gives the accuracy
     that transformers' log-likelihoods give on the same prompts."""
     y = _local_task(tmp_path, ROWS)
-    r = camelid_cli("eval", str(folder), "--tasks", str(y), "--json", "--out", str(tmp_path / "out.json"))
+    r = camelid_cli("eval", str(folder), "--tasks", str(y), "--json", "--out", str(tmp_path / "out.json"), timeout=900)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     (row,) = doc["tasks"]
@@ -138,11 +138,11 @@ def test_local_task_end_to_end(tmp_path, folder, both):
 
 def test_compare_prints_one_table(tmp_path, folder):
     y = _local_task(tmp_path, ROWS)
-    r = camelid_cli("eval", str(folder), "--tasks", str(y), "--compare", "quant=none", "quant=int8", "--json")
+    r = camelid_cli("eval", str(folder), "--tasks", str(y), "--compare", "quant=none", "quant=int8", "--json", timeout=900)
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(r.stdout)["tasks"]
     assert len(row["scores"]) == 2 and row["diff"][0] == pytest.approx(row["scores"][1]["value"] - row["scores"][0]["value"])
-    r = camelid_cli("eval", str(folder), "--tasks", str(y), "--compare", "quant=none", "quant=int8")
+    r = camelid_cli("eval", str(folder), "--tasks", str(y), "--compare", "quant=none", "quant=int8", timeout=900)
     assert r.returncode == 0 and "Δ 2" in r.stdout and "my_local_task" in r.stdout
 
 
