@@ -189,15 +189,15 @@ def test_echo_logprobs_shape(folder):
 # --- bad inputs: one line each ---
 
 def test_unknown_task_is_one_line(folder):
-    line = one_line_error(camelid_cli("eval", str(folder), "--tasks", "no_such_task_xyz"))
+    line = one_line_error(camelid_cli("eval", str(folder), "--tasks", "no_such_task_xyz", timeout=900))
     assert "unknown task 'no_such_task_xyz'" in line
 
 
 def test_yaml_with_a_missing_data_file_is_one_line(tmp_path, folder):
     y = _local_task(tmp_path, ROWS, data="missing.jsonl")
-    line = one_line_error(camelid_cli("eval", str(folder), "--tasks", str(y)))
+    line = one_line_error(camelid_cli("eval", str(folder), "--tasks", str(y), timeout=900))
     assert "data file not found: missing.jsonl" in line
-    line = one_line_error(camelid_cli("eval", str(folder), "--tasks", str(tmp_path / "nope.yaml")))
+    line = one_line_error(camelid_cli("eval", str(folder), "--tasks", str(tmp_path / "nope.yaml"), timeout=900))
     assert "no such task file" in line
 
 
