@@ -220,14 +220,29 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
     ids = llm.tokenizer.encode(text, special=False, bos=True)
     if len(ids) < 2:
         raise CamelidError(f"{path}: needs at least two tokens of text")
-    bar = Progress(len(ids) - 1, "scoring", unit="tokens")
-    try:
-        r = perplexity(llm.model, ids, args.context, progress=bar.update)
-    except ValueError as e:
-        raise CamelidError(str(e)) from None
+    if args.chunks:
+        from .eval.perplexity import chunked_perplexity
+
+        n_ctx = args.context or 512  # llama-perplexity's default -c
+        bar = Progress(max(1, len(ids) // n_ctx), "scoring", unit="chunks")
+        try:
+            bos = llm.tokenizer.bos_id if llm.tokenizer.add_bos else None  # llama.cpp: BOS first in each chunk
+            r = chunked_perplexity(llm.model, ids, n_ctx, args.max_chunks, bos, progress=bar.update)
+        except ValueError as e:
+            raise CamelidError(str(e)) from None
+    else:
+        bar = Progress(len(ids) - 1, "scoring", unit="tokens")
+        try:
+            r = perplexity(llm.model, ids, args.context, progress=bar.update)
+        except ValueError as e:
+            raise CamelidError(str(e)) from None
     bar.close()
     if args.json:
-        print(json.dumps({"perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens, "scored": r.scored, "windows": r.windows}))
+        print(json.dumps({"perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens, "scored": r.scored, "windows": r.windows,
+                          **({"chunks": r.windows, "stderr": r.stderr} if args.chunks else {})}))
+    elif args.chunks:
+        print(f"perplexity {r.perplexity:.4f} +/- {r.stderr:.5f}  tokens {r.tokens}  (llama.cpp-style: {r.windows} chunks of "
+              f"{args.context or 512}, scored {r.scored}, mean NLL {r.nll:.4f} nats)")
     else:
         print(f"perplexity {r.perplexity:.4f}  tokens {r.tokens}  (scored {r.scored}, windows {r.windows}, mean NLL {r.nll:.4f} nats)")
 
@@ -432,11 +447,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("perplexity", help="perplexity of a text file")
     p.add_argument("args", nargs="+", metavar="[MODEL] FILE")
-    p.add_argument("--context", type=int, default=None, metavar="N", help="window length (default: the context length)")
+    p.add_argument("--context", type=int, default=None, metavar="N",
+                   help="window length (default: the context length; 512 with --chunks, as llama-perplexity)")
+    p.add_argument("--chunks", action="store_true",
+                   help="llama-perplexity's figure: non-overlapping chunks of --context tokens, second half of each scored")
+    p.add_argument("--max-chunks", type=int, default=None, metavar="N", help="with --chunks: at most N chunks (its --chunks N)")
     p.add_argument("--threads", type=int, default=None, metavar="N")
     p.add_argument("--json", action="store_true")
     _add_runtime(p, fast=False)  # perplexity is a measurement: the reference path unless asked
     p.set_defaults(func=cmd_perplexity)
+
+    from .eval.run import add_parser as add_eval
+
+    add_eval(sub, model_help)
 
     p = sub.add_parser("quantize", help="write a quantized copy (GGUF or camelid int8/int4 folder) and report its quality")
     p.add_argument("model", nargs="?", default=None, help=model_help)

@@ -254,7 +254,7 @@ class Transformer(nn.Module):
         logits_at: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens [B,T] -> logits [B,T,V], or [B,1,V] at index logits_at[b] of each row.
+        """tokens [B,T] -> logits [B,T,V], or [B,1,V] at index logits_at[b] of each row ([B,K,V] at logits_at[b, k]).
 
         positions [B,T] give each token's position (default 0..T-1); with a cache, keys and values are
         written at those positions and each token attends to every cached position up to its own.
@@ -277,6 +277,7 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)  # [B,T,D]
         for layer in self.layers:
             x = layer(x, cos, sin, positions, cache, mask)
-        if logits_at is not None:
-            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # [B,1,D]
+        if logits_at is not None:  # [B]: one position per row -> [B,1,V]; [B,K]: K positions per row -> [B,K,V]
+            rows = torch.arange(B, device=x.device)
+            x = x[rows, logits_at][:, None] if logits_at.dim() == 1 else x[rows[:, None], logits_at]
         return self.output(self.norm(x)).float()

@@ -150,6 +150,17 @@ def completion_logprobs(tokenizer: Tokenizer, events: list[Token], offset: int) 
     return out
 
 
+def echo_logprobs(tokenizer: Tokenizer, prompt: list[int], scored: list[Token], generated: dict, prompt_chars: int) -> dict:
+    """`echo` with `logprobs`: the prompt's tokens first (the first has no log-prob: nothing predicts it), then the
+    generated ones, as OpenAI's legacy completions (and lm-eval's local-completions) read them."""
+    out = completion_logprobs(tokenizer, scored, len(tokenizer.token_text(prompt[0])))
+    first = tokenizer.token_text(prompt[0])
+    return {"tokens": [first, *out["tokens"], *generated["tokens"]],
+            "token_logprobs": [None, *out["token_logprobs"], *generated["token_logprobs"]],
+            "top_logprobs": [None, *out["top_logprobs"], *generated["top_logprobs"]],
+            "text_offset": [0, *out["text_offset"], *(prompt_chars + o for o in generated["text_offset"])]}
+
+
 class Generation:
     """The n sequences of one request, submitted to the engine, read back as (choice, text, token) events."""
 
@@ -167,7 +178,7 @@ class Generation:
             if sampling.seed is not None and i:
                 sampling = replace(sampling, seed=sampling.seed + i)
             seq = make_sequence(prompt, max_tokens, self._emitter(i), sampling=sampling, stop_ids=state.tokenizer.stop_ids,
-                                logprobs=params.logprobs, adapter=adapter,
+                                logprobs=params.logprobs, adapter=adapter, echo=params.echo,
                                 constraint=JsonConstraint(params.schema) if params.schema is not None
                                 else tool_stage.constraint_for(tools))
             try:
@@ -321,6 +332,10 @@ async def respond(request: Request, state: ServerState, gen: Generation, chat: b
                 out.finish()
             choices.append({"index": c.index, "message": out.message(), "logprobs": lp,
                             "finish_reason": out.finish_reason(c.finish_reason)})
+        elif gen.params.echo:
+            echoed = tok.decode(gen.prompt, special=True)
+            lp = echo_logprobs(tok, gen.prompt, c.seq.prompt_logprobs, lp, len(echoed)) if lp is not None else None
+            choices.append({"index": c.index, "text": echoed + text, "logprobs": lp, "finish_reason": c.finish_reason})
         else:
             choices.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
     head["object"] = "chat.completion" if chat else "text_completion"
@@ -357,6 +372,8 @@ async def completions(request: Request) -> Response:
     body = await read_json(request, state.limits)
     adapter = check_model(body, state)
     params = parse_common(body, state.limits, chat=False)
+    if params.echo and params.stream:
+        raise ApiError(400, "'echo' is supported without 'stream' only", "echo", "invalid_value")
     prompt = prompt_of(body)
     if isinstance(prompt, str):
         ids = state.tokenizer.encode(prompt, special=True, bos=True)

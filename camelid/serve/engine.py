@@ -61,6 +61,8 @@ class Sequence_:
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
     constraint: JsonConstraint | None = None
     adapter: str | None = None  # the LoRA adapter this sequence runs with (None: the base model)
+    echo: bool = False  # score the prompt too: prompt_logprobs[i] is prompt token i+1's Token (logprobs, top)
+    prompt_logprobs: list[Token] = field(default_factory=list)
     # engine state
     slot: int = -1
     pos: int = 0  # tokens of this row in the cache
@@ -230,7 +232,13 @@ class Engine:
         positions = torch.arange(start, end, device=self.device)[None]
         at = torch.tensor([end - start - 1], device=self.device)
         self._use_adapters([s])
-        logits = self.model(tokens, positions, self.cache.view(b, b + 1), logits_at=at)[0, -1].float().cpu()
+        if s.echo and s.logprobs is not None:  # every position's logits: each predicts the next prompt token
+            every = self.model(tokens, positions, self.cache.view(b, b + 1))[0].float().cpu()  # [T,V]
+            for i, logits in enumerate(every[:len(s.prompt) - 1 - start]):
+                s.prompt_logprobs.append(self._scored(s, s.prompt[start + i + 1], logits))
+            logits = every[-1]
+        else:
+            logits = self.model(tokens, positions, self.cache.view(b, b + 1), logits_at=at)[0, -1].float().cpu()
         s.pos = end
         if end == len(s.prompt):
             self._next_token(b, s, logits)
@@ -263,14 +271,17 @@ class Engine:
         self.generated_tokens += 1
         if s.constraint is not None and tok not in s.stop_ids:
             s.constraint.advance(self.tokenizer.token_bytes[tok])
-        event = Token(tok)
-        if s.logprobs is not None and logits is not None:
-            lp = torch.log_softmax(logits.float(), -1)
-            event.logprob = float(lp[tok])
-            if s.logprobs > 0:
-                vals, ids = torch.topk(lp, s.logprobs)
-                event.top = list(zip(ids.tolist(), vals.tolist(), strict=True))
-        s.emit(event)
+        s.emit(self._scored(s, tok, logits) if s.logprobs is not None and logits is not None else Token(tok))
+
+    @staticmethod
+    def _scored(s: Sequence_, tok: int, logits: torch.Tensor) -> Token:
+        """Token `tok` with its log-prob under `logits` [V] and the top s.logprobs alternatives."""
+        lp = torch.log_softmax(logits.float(), -1)
+        event = Token(tok, float(lp[tok]))
+        if s.logprobs > 0:
+            vals, ids = torch.topk(lp, s.logprobs)
+            event.top = list(zip(ids.tolist(), vals.tolist(), strict=True))
+        return event
 
     def _penalised(self, s: Sequence_, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         p = s.sampling

@@ -158,8 +158,9 @@ def parse_common(body: dict, limits: Limits, chat: bool) -> GenParams:
     """The sampling and output options shared by /v1/chat/completions and /v1/completions."""
     refuse_unsupported(body, chat)
     max_tokens = _number(body, "max_completion_tokens", None, 1, limits.max_tokens, integer=True) if chat else None
-    if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", None, 1, limits.max_tokens, integer=True)
+    echo = False if chat else _bool(body, "echo")
+    if max_tokens is None:  # with echo, 0 scores the prompt alone (older lm-eval sends max_tokens 0)
+        max_tokens = _number(body, "max_tokens", None, 0 if echo else 1, limits.max_tokens, integer=True)
     temperature = _number(body, "temperature", 1.0, 0, 2)
     try:
         sampling = SamplingParams(
@@ -195,7 +196,7 @@ def parse_common(body: dict, limits: Limits, chat: bool) -> GenParams:
         include_usage=_bool(stream_options, "include_usage"),
         logprobs=logprobs,
         schema=_response_format(body),
-        echo=False if chat else _bool(body, "echo"),
+        echo=echo,
     )
 
 
