@@ -438,7 +438,7 @@ class CountRequests:
 
 def retrieval_routes() -> list[Route]:
     from .embeddings import embeddings
-    from .rerank import rerank
+    from .rerank import rerank_endpoint as rerank
 
     return [Route("/v1/embeddings", embeddings, methods=["POST"]),
             *(Route(p, rerank, methods=["POST"]) for p in ("/v1/rerank", "/v2/rerank", "/rerank"))]

@@ -105,7 +105,7 @@ def parse(body: dict, state) -> EmbedRequest:
     full = state.engine.model.config.dim
     if dims is not None and not 1 <= dims <= full:
         raise ApiError(400, f"'dimensions' must be between 1 and {full} (this model's embeddings have {full}; shorter "
-                       "ones are their first components, renormalised), got {dims}", "dimensions", "invalid_value")
+                       f"ones are their first components, renormalised), got {dims}", "dimensions", "invalid_value")
     return EmbedRequest(inputs, pooling, normalize, dims, fmt)
 
 
