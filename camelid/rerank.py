@@ -66,8 +66,9 @@ def judge_batch(model: torch.nn.Module, rows: Sequence[Sequence[int]], yes: Sequ
 
 
 def cosine_scores(query: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
-    """query [D] and documents [N,D], L2-normalised -> [N] cosine similarities."""
-    return documents @ query
+    """query [D] and documents [N,D], L2-normalised -> [N] cosine similarities (one dot product per document, so a
+    score does not depend on how many documents are beside it, as one matrix product's could)."""
+    return torch.stack([d @ query for d in documents])
 
 
 def ranked(scores: Sequence[float], top_n: int | None = None) -> list[int]:

@@ -64,7 +64,9 @@ async def rerank_scores(request: Request, state, query: str, docs: list[str], me
                         adapter: str | None) -> tuple[list[float], int] | None:
     """(a score per document, tokens read), or None if the client left."""
     if method == "embedding":
-        inputs = token_lists({"input": [query, *docs], "truncate": truncate}, state.tokenizer, state.limits.max_seq_len)
+        limit = state.limits.max_seq_len
+        inputs = (token_lists({"query": query, "truncate": truncate}, state.tokenizer, limit, "query")
+                  + token_lists({"documents": docs, "truncate": truncate}, state.tokenizer, limit, "documents"))
         out = await vectors(request, state, inputs, "mean", True, adapter)
         if out is None:
             return None
