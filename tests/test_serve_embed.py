@@ -98,6 +98,7 @@ def test_openai_client_sees_a_bad_request(client):
         client.embeddings.create(model=MODEL, input=[])
 
 
+@pytest.mark.slow
 def test_embedding_during_a_chat_stream_leaves_its_greedy_text_unchanged(client, server):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a short poem about the sea."}],
             "temperature": 0, "max_tokens": 40}
@@ -168,6 +169,7 @@ def test_bad_rerank_requests_are_openai_errors(server, body, param):
     assert r.json()["error"]["param"] == param
 
 
+@pytest.mark.slow
 def test_rerank_truncates_long_documents_when_asked(server):
     for method in ("embedding", "llm"):
         r = post(server, "/v1/rerank", {"query": "q", "documents": ["word " * 300, "short"], "truncate": True,
