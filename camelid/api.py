@@ -112,11 +112,12 @@ class LLM:
         return vectors[0] if single else vectors
 
     def rerank(self, query: str, documents: Sequence[str], top_n: int | None = None,
-               method: str = "embedding") -> list[dict]:
+               method: str = "likelihood") -> list[dict]:
         """Documents ordered by relevance to the query, best first: [{"index", "relevance_score", "document"}].
 
-        method "llm": the model's P(yes) to "does the document answer the query?"; "embedding": cosine similarity
-        of mean-pooled embeddings (see camelid/rerank.py)."""
+        method "likelihood": how likely the model finds the query as a question about the document; "llm": the
+        model's P(yes) to "does the document answer the query?"; "embedding": cosine similarity of mean-pooled
+        embeddings (see camelid/rerank.py)."""
         from . import embed as embed_mod
         from . import rerank as rerank_mod
         from .errors import CamelidError
@@ -125,17 +126,20 @@ class LLM:
         if method == "embedding":
             vectors = torch.tensor(self.embed([query, *docs]))
             scores = rerank_mod.cosine_scores(vectors[0], vectors[1:]).tolist()
-        elif method == "llm":
-            yes, no = rerank_mod.answer_ids(self.tokenizer)
-            rows = [rerank_mod.pair_prompt(self.tokenizer, self.chat_template, query, d) for d in docs]
+        elif method in ("llm", "likelihood"):
+            pairs = [rerank_mod.pair_rows(method, self.tokenizer, self.chat_template, query, d) for d in docs]
+            rows, starts = [r for r, _ in pairs], [s for _, s in pairs]
             for i, r in enumerate(rows):
                 if len(r) > self.config.max_seq_len:
                     raise CamelidError(f"document {i} with the query is {len(r)} tokens, over the context of "
                                        f"{self.config.max_seq_len}")
             scores = [0.0] * len(rows)
             for group in embed_mod.batches([len(r) for r in rows]):
-                for i, s in zip(group, rerank_mod.judge_batch(self.model, [rows[i] for i in group], yes, no).tolist(),
-                                strict=True):
+                if method == "likelihood":
+                    part = rerank_mod.likelihood_batch(self.model, [rows[i] for i in group], [starts[i] for i in group])
+                else:
+                    part = rerank_mod.judge_batch(self.model, [rows[i] for i in group], *rerank_mod.answer_ids(self.tokenizer))
+                for i, s in zip(group, part.tolist(), strict=True):
                     scores[i] = s
         else:
             raise CamelidError(f"unknown rerank method {method!r}; choose one of {', '.join(rerank_mod.METHODS)}")

@@ -154,11 +154,16 @@ RERANK_CASES = [
      ["Photosynthesis converts light into chemical energy in plants.",
       "Romeo and Juliet is a tragedy written by William Shakespeare."]),
     ("What do pandas eat?", ["Python is a popular programming language.", "Giant pandas eat almost only bamboo."]),
+    ("What are llamas used for?",
+     ["Alpacas are smaller than llamas and are bred mainly for their fibre.", "Python 3.12 was released in October 2023.",
+      "Llamas are domesticated South American camelids, used as pack animals by Andean cultures."]),
 ]
-RELEVANT = [1, 0, 1, 1]
+RELEVANT = [1, 0, 1, 1, 2]
 
 
 def test_rerank_puts_the_relevant_document_first(llm):
+    """The default method (query likelihood) on clear cases. Mean-pooled embeddings of this chat model miss the
+    last one (the alpaca sentence is nearer the query), and the yes/no judgement misses some: see the note."""
     for (query, docs), want in zip(RERANK_CASES, RELEVANT, strict=True):
         out = llm.rerank(query, docs)
         assert out[0]["index"] == want, (query, out)

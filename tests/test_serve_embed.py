@@ -133,9 +133,11 @@ DOCS = ["Bananas are rich in potassium and grow in tropical climates.",
 QUERY = "What is the capital of France?"
 
 
-@pytest.mark.parametrize("method", ["embedding", "llm"])
+@pytest.mark.parametrize("method", ["likelihood", "embedding", "llm"])
 def test_rerank_sorted_top_n_and_documents(server, method):
     full = post(server, "/v1/rerank", {"model": MODEL, "query": QUERY, "documents": DOCS, "method": method}).json()
+    if method == "likelihood":
+        assert post(server, "/v1/rerank", {"query": QUERY, "documents": DOCS}).json()["method"] == method  # default
     assert full["method"] == method and full["model"] == MODEL and full["usage"]["total_tokens"] > 0
     results = full["results"]
     assert sorted(r["index"] for r in results) == [0, 1, 2]
@@ -162,6 +164,7 @@ def test_rerank_sorted_top_n_and_documents(server, method):
     ({"query": "q", "documents": ["a"], "method": "bm25"}, "method"),
     ({"query": "q", "documents": ["word " * 300]}, "documents"),
     ({"query": "q", "documents": ["word " * 300], "method": "llm"}, "documents"),
+    ({"query": "q", "documents": ["word " * 300], "method": "likelihood"}, "documents"),
 ])
 def test_bad_rerank_requests_are_openai_errors(server, body, param):
     r = post(server, "/v1/rerank", body)
@@ -171,7 +174,7 @@ def test_bad_rerank_requests_are_openai_errors(server, body, param):
 
 @pytest.mark.slow
 def test_rerank_truncates_long_documents_when_asked(server):
-    for method in ("embedding", "llm"):
+    for method in ("likelihood", "embedding", "llm"):
         r = post(server, "/v1/rerank", {"query": "q", "documents": ["word " * 300, "short"], "truncate": True,
                                         "method": method})
         assert r.status_code == 200, r.text

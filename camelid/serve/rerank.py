@@ -5,8 +5,9 @@
 
 Stages: parse (every mistake a 400) -> engine (the pairs scored by camelid.rerank over the serving weights, in
 batched engine jobs between decode steps) -> response (sorted by score, best first; the method stated).
-Beyond the clients' fields: `method` ("embedding": cosine of mean-pooled embeddings, the default; "llm": the
-model's P(yes) to "does the document answer the query?") and `truncate` (cut documents to fit the context).
+Beyond the clients' fields: `method` ("likelihood", the default: the query's likelihood as a question about the
+document; "llm": the model's P(yes) to "does the document answer the query?"; "embedding": cosine of mean-pooled
+embeddings; see camelid/rerank.py) and `truncate` (cut documents to fit the context).
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ def _documents(body: dict) -> list[str]:
     return out
 
 
-def _fit(state, query: str, doc: str, i: int, truncate: bool) -> list[int]:
-    """The judgement prompt of one pair, its document cut to fit the context when truncate is set (else a 400)."""
+def _fit(state, method: str, query: str, doc: str, i: int, truncate: bool) -> tuple[list[int], int]:
+    """(prompt ids, scored tokens' start) of one pair, its document cut to fit the context when truncate is set
+    (else a 400)."""
     tok, limit = state.tokenizer, state.limits.max_seq_len
-    ids = rerank.pair_prompt(tok, state.chat_template, query, doc)
+    ids, start = rerank.pair_rows(method, tok, state.chat_template, query, doc)
     while len(ids) > limit:
         if not truncate:
             raise ApiError(400, f"the query with 'documents[{i}]' is {len(ids)} tokens, longer than the context of "
@@ -56,8 +58,8 @@ def _fit(state, query: str, doc: str, i: int, truncate: bool) -> list[int]:
             raise ApiError(400, f"the query alone does not leave room for a document in the context of {limit}",
                            "query", "context_length_exceeded")
         doc = tok.decode(doc_ids[:keep])
-        ids = rerank.pair_prompt(tok, state.chat_template, query, doc)
-    return ids
+        ids, start = rerank.pair_rows(method, tok, state.chat_template, query, doc)
+    return ids, start
 
 
 async def rerank_scores(request: Request, state, query: str, docs: list[str], method: str, truncate: bool,
@@ -71,14 +73,19 @@ async def rerank_scores(request: Request, state, query: str, docs: list[str], me
         if out is None:
             return None
         return rerank.cosine_scores(out[0], out[1:]).tolist(), sum(len(x) for x in inputs)
-    try:
-        yes, no = rerank.answer_ids(state.tokenizer)
-    except ValueError as e:
-        raise ApiError(400, str(e), "method", "invalid_value") from None
-    rows = [_fit(state, query, d, i, truncate) for i, d in enumerate(docs)]
+    fitted = [_fit(state, method, query, d, i, truncate) for i, d in enumerate(docs)]
+    rows, starts = [r for r, _ in fitted], [s for _, s in fitted]
     model = state.engine.model
     groups = embed.batches([len(r) for r in rows])
-    jobs = [lambda g=g: rerank.judge_batch(model, [rows[i] for i in g], yes, no) for g in groups]
+    if method == "likelihood":
+        jobs = [lambda g=g: rerank.likelihood_batch(model, [rows[i] for i in g], [starts[i] for i in g])
+                for g in groups]
+    else:
+        try:
+            yes, no = rerank.answer_ids(state.tokenizer)
+        except ValueError as e:
+            raise ApiError(400, str(e), "method", "invalid_value") from None
+        jobs = [lambda g=g: rerank.judge_batch(model, [rows[i] for i in g], yes, no) for g in groups]
     results = await run_jobs(request, state, jobs, adapter)
     if results is None:
         return None
