@@ -21,6 +21,8 @@ from pathlib import Path
 PEERS = ("llama.cpp", "transformers")
 KEYS = ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb")
 TTFT_PROMPT = "What is the capital of France?"
+DEPTHS = (100, 2000)  # cache positions at which decode is also timed (attention must cost the filled prefix only)
+DEEP_STEPS = 16
 
 
 def _rss_mb() -> float:
@@ -40,6 +42,7 @@ def _worker_camelid(path: str, threads: int, pp: int, tg: int, repeats: int, qua
     import torch
 
     from .cache import KVCache
+    from .compiled import attach, step_for
     from .formats import read
     from .loader import build_model
 
@@ -48,9 +51,19 @@ def _worker_camelid(path: str, threads: int, pp: int, tg: int, repeats: int, qua
     ckpt = read(path)
     model = build_model(ckpt, quant=quant)
     load_s = time.perf_counter() - t0
+    attach(model, path, quant, wait=True)  # the compiled decode step when `camelid compile` built one
+    step = step_for(model) or (lambda tok, pos, cache: model(tok, pos, cache)[:, -1])
     vocab = ckpt.config.vocab_size
     prompt = torch.tensor([_tokens(pp, vocab)])
     pp_times, tg_times = [], []
+
+    def decode(cache, start: int, n: int) -> float:  # seconds for n greedy steps from position `start`
+        logits = model(prompt[:, :1], torch.tensor([[start - 1]]), cache)[:, -1]
+        t = time.perf_counter()
+        for i in range(n):
+            logits = step(logits.argmax(-1, keepdim=True), torch.tensor([[start + i]]), cache)
+        return time.perf_counter() - t
+
     with torch.inference_mode():
         last = torch.tensor([pp - 1])
         model(prompt, None, KVCache.for_model(model, 1, pp), logits_at=last)  # warm-up, as llama-bench does
@@ -60,15 +73,18 @@ def _worker_camelid(path: str, threads: int, pp: int, tg: int, repeats: int, qua
             model(prompt, None, cache, logits_at=last)
             pp_times.append(time.perf_counter() - t)
         for _ in range(repeats):
-            cache = KVCache.for_model(model, 1, tg + 1)
-            logits = model(prompt[:, :1], None, cache)
-            t = time.perf_counter()
-            for i in range(tg):
-                tok = logits[:, -1].argmax(-1, keepdim=True)
-                logits = model(tok, torch.tensor([[i + 1]]), cache)
-            tg_times.append(time.perf_counter() - t)
+            tg_times.append(decode(KVCache.for_model(model, 1, tg + 1), 1, tg))
+        # decode deep in the context: the cache filled to DEPTHS (random keys), capacity 4096 either way
+        deep = {}
+        for depth in DEPTHS:
+            cache = KVCache.for_model(model, 1, 4096)
+            for start in range(0, depth, 512):
+                ids = torch.tensor([_tokens(min(512, depth - start), vocab, seed=start)])
+                model(ids, torch.arange(start, start + ids.shape[1])[None], cache, logits_at=torch.tensor([0]))
+            deep[depth] = DEEP_STEPS / statistics.median(decode(cache, depth, DEEP_STEPS) for _ in range(repeats))
     return {"load_s": load_s, "prefill_tok_s": pp / statistics.median(pp_times),
-            "decode_tok_s": tg / statistics.median(tg_times), "peak_rss_mb": _rss_mb()}
+            "decode_tok_s": tg / statistics.median(tg_times), "peak_rss_mb": _rss_mb(),
+            "compiled": step_for(model) is not None, **{f"decode_at_{d}_tok_s": v for d, v in deep.items()}}
 
 
 def _worker_llama_cpp(path: str, threads: int, pp: int, tg: int, repeats: int, quant: str | None) -> dict:
@@ -218,11 +234,14 @@ def measure(engine: str, path: str, threads: int, repeats: int = 3, pp: int = 51
             progress(f"{engine}: run {i + 1}/{repeats}")
         runs.append(_run_worker(["worker", engine, path, str(threads), str(pp), str(tg), "1", str(quant)]))
     firsts = [time_to_first_token(engine, path, threads, quant) for _ in range(repeats)]
-    out = {k: statistics.median(r[k] for r in runs) for k in ("load_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb")}
+    numbers = [k for k in runs[0] if k in KEYS or k.startswith("decode_at_")]
+    out = {k: statistics.median(r[k] for r in runs) for k in numbers}
+    if "compiled" in runs[0]:
+        out["compiled"] = runs[0]["compiled"]
     out["ttft_s"] = statistics.median(firsts)
     if runs[0].get("version"):
         out["version"] = runs[0]["version"]
-    return {k: out[k] for k in (*KEYS, "version") if k in out}
+    return {k: out[k] for k in (*KEYS, *numbers, "version", "compiled") if k in out}
 
 
 def machine() -> dict:
@@ -281,9 +300,12 @@ def table(result: dict) -> str:
             q = r["ratio"]
             rows.append(f"camelid vs {name}: prefill {q['prefill']:.2f}x, decode {q['decode']:.2f}x, load {q['load']:.2f}x faster, "
                         f"first token {q['ttft']:.2f}x sooner, {q['rss']:.2f}x less memory")
+    if "decode_at_2000_tok_s" in result:
+        d1, d2 = result["decode_at_100_tok_s"], result["decode_at_2000_tok_s"]
+        rows.append(f"camelid decode at position 100: {d1:.1f} tok/s, at 2000: {d2:.1f} tok/s ({d1 / d2:.2f}x the time per token)")
     m = result["machine"]
     rows.append(f"{m['cpu']}, {m['cores']} cores, {result['threads']} threads, torch {m['torch']}; medians of {result['repeats']}; "
-                f"camelid {result['quant']} path")
+                f"camelid {result['quant']} path" + (", compiled decode step" if result.get("compiled") else ", eager decode"))
     return "\n".join(rows)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import KVCache
+from .compiled import step_for
 from .errors import ContextLengthError, SamplingError
 from .sampling import GREEDY, SamplingParams, sample
 
@@ -78,6 +79,7 @@ def generate(model: torch.nn.Module, requests: Sequence[Request]) -> Iterator[li
     done = [n == 0 for n in budgets]
 
     logits = prefill(model, cache, [r.prompt for r in requests])
+    step_fn = step_for(model)  # the compiled decode step when one is built for this model (camelid compile)
     while True:
         step: list[int | None] = []
         for b, r in enumerate(requests):
@@ -94,7 +96,7 @@ def generate(model: torch.nn.Module, requests: Sequence[Request]) -> Iterator[li
         if all(done):
             return
         tokens = torch.tensor([[s if s is not None else 0] for s in step], device=device)
-        logits = model(tokens, positions[:, None], cache)[:, -1]
+        logits = step_fn(tokens, positions[:, None], cache) if step_fn else model(tokens, positions[:, None], cache)[:, -1]
         positions = positions + 1
 
 

@@ -42,6 +42,8 @@ CASES = {
                  ["quantize", "--to", "q8_0", "--out", "o.gguf", "--no-eval", "M"],
                  ["quantize", "--to", "q8_0", "M", "--out", "o.gguf", "--no-eval"]),
     "info": (["info", "M", "--json", "--template"], ["info", "--json", "--template", "M"], ["info", "--json", "M", "--template"]),
+    "compile": (["compile", "M", "--quant", "int8", "--force"], ["compile", "--quant", "int8", "--force", "M"],
+                ["compile", "--force", "M", "--quant", "int8"]),
     "bench": (["bench", "M", "--json", "--repeats", "1"], ["bench", "--json", "--repeats", "1", "M"],
               ["bench", "--json", "M", "--repeats", "1"]),
     "serve": (["serve", "M", "--port", "9", "--api-key", "k"], ["serve", "--port", "9", "--api-key", "k", "M"],
@@ -55,6 +57,14 @@ CASES = {
     "pull": (["pull", "N", "--force"], ["pull", "--force", "N"], ["pull", "--force", "N"]),
     "rm": (["rm", "N"], ["rm", "N"], ["rm", "N"]),
     "list": (["list", "--json"], ["list", "--json"], ["list", "--json"]),
+    "tokenizer": (["tokenizer", "train", "a.txt", "b/", "--vocab-size", "300", "--out", "t"],
+                  ["tokenizer", "train", "--vocab-size", "300", "--out", "t", "a.txt", "b/"],
+                  ["tokenizer", "train", "a.txt", "--vocab-size", "300", "b/", "--out", "t"]),
+    "prepare": (["prepare", "a.txt", "b/", "--tokenizer", "t", "--out", "d"], ["prepare", "--tokenizer", "t", "--out", "d",
+                "a.txt", "b/"], ["prepare", "a.txt", "--tokenizer", "t", "b/", "--out", "d"]),
+    "pretrain": (["pretrain", "--preset", "tiny", "--data", "d", "--out", "o", "--steps", "3", "--resume"],
+                 ["pretrain", "--resume", "--steps", "3", "--out", "o", "--data", "d", "--preset", "tiny"],
+                 ["pretrain", "--data", "d", "--resume", "--preset", "tiny", "--out", "o", "--steps", "3"]),
 }
 
 

@@ -6,6 +6,7 @@ is dequantized to float32 only when loaded (float32 tensors come straight from t
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from pathlib import Path
@@ -33,6 +34,14 @@ NAMES = {
     "blk.{i}.ffn_gate.weight": "layers.{i}.feed_forward.w1.weight",
     "blk.{i}.ffn_down.weight": "layers.{i}.feed_forward.w2.weight",
     "blk.{i}.ffn_up.weight": "layers.{i}.feed_forward.w3.weight",
+    # llama4 mixture-of-experts layers
+    "blk.{i}.ffn_gate_inp.weight": "layers.{i}.feed_forward.router.weight",
+    "blk.{i}.ffn_gate_exps.weight": "layers.{i}.feed_forward.experts.w1",
+    "blk.{i}.ffn_down_exps.weight": "layers.{i}.feed_forward.experts.w2",
+    "blk.{i}.ffn_up_exps.weight": "layers.{i}.feed_forward.experts.w3",
+    "blk.{i}.ffn_gate_shexp.weight": "layers.{i}.feed_forward.shared.w1.weight",
+    "blk.{i}.ffn_down_shexp.weight": "layers.{i}.feed_forward.shared.w2.weight",
+    "blk.{i}.ffn_up_shexp.weight": "layers.{i}.feed_forward.shared.w3.weight",
 }
 _PATTERNS = [(re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), c) for g, c in NAMES.items()]
 IGNORED = {"rope_freqs.weight"}  # folded into the config's RoPE scaling
@@ -74,27 +83,95 @@ def _reader_class():
     return Reader
 
 
-def _open(path: Path):
+class _Tensor:
+    """What read() needs of one tensor: name, ggml type, GGUF dims, and its bytes as a view of the memory map."""
+
+    def __init__(self, name: str, tensor_type, shape: np.ndarray, data: np.ndarray) -> None:
+        self.name, self.tensor_type, self.shape, self.data = name, tensor_type, shape, data
+
+
+class _Meta:
+    """A GGUF file's metadata values (key -> contents) and tensors. Parsing the vocabulary's fields takes most of
+    a second, so what is parsed is kept in a cache file beside the model store, keyed by the file's path, size
+    and modification time; a later read maps the file and takes the values from the cache."""
+
+    def __init__(self, path: Path, fields: dict, broken: dict[str, str], tensors: list[_Tensor]) -> None:
+        self.path, self.fields, self.broken, self.tensors = path, fields, broken, tensors
+
+
+CACHE_VERSION = 1
+
+
+def _cache_file(path: Path) -> Path | None:
+    import hashlib
+
+    from ..store import home
+
+    try:
+        st = path.resolve().stat()
+    except OSError:
+        return None
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{CACHE_VERSION}"
+    return home() / "cache" / "gguf" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pickle"
+
+
+def _map(path: Path, layout: list[tuple]) -> list[_Tensor]:
+    from gguf import GGMLQuantizationType
+
+    whole = np.memmap(path, mode="r").view(np.ndarray)
+    out = []
+    for name, kind, dims, offset, dtype, np_shape in layout:
+        count = int(np.prod(np_shape))
+        data = whole[offset : offset + count * np.dtype(dtype).itemsize].view(dtype).reshape(np_shape)
+        out.append(_Tensor(name, GGMLQuantizationType(kind), np.asarray(dims), data))
+    return out
+
+
+def _open(path: Path) -> _Meta:
+    import pickle
+
+    cache = _cache_file(path)
+    if cache is not None and cache.is_file():
+        try:
+            with open(cache, "rb") as f:
+                fields, broken, layout = pickle.load(f)
+            return _Meta(path, fields, broken, _map(path, layout))
+        except Exception:  # a damaged or foreign cache file: parse the model file again
+            pass
     try:
         reader = _reader_class()(path)
     except Exception as e:  # the reader raises many kinds on damaged files
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FormatError(f"{path}: corrupt or truncated GGUF file ({reason})") from None
-    reader.path = path  # GGUFReader keeps no path; the error messages below name the file
-    return reader
+    fields, broken = {}, {}
+    for key, f in reader.fields.items():
+        try:
+            fields[key] = f.contents()
+        except Exception as e:
+            broken[key] = str(e)
+    tensors = [_Tensor(t.name, t.tensor_type, np.asarray(t.shape), t.data) for t in reader.tensors]
+    layout = [(t.name, int(t.tensor_type), t.shape.tolist(), int(t.data_offset), t.data.dtype.str, t.data.shape)
+              for t in reader.tensors]
+    if cache is not None:
+        try:  # written whole or not at all
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".tmp{os.getpid()}")
+            with open(tmp, "wb") as f:
+                pickle.dump((fields, broken, layout), f, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, cache)
+        except OSError:
+            pass
+    return _Meta(path, fields, broken, tensors)
 
 
-def _field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    try:
-        return f.contents()
-    except Exception as e:
-        raise FormatError(f"{reader.path}: cannot read metadata {key} ({e})") from None
+def _field(reader: _Meta, key: str, default=None):
+    if key in reader.broken:
+        raise FormatError(f"{reader.path}: cannot read metadata {key} ({reader.broken[key]})")
+    v = reader.fields.get(key)
+    return default if v is None else v
 
 
-def _require(reader, key: str):
+def _require(reader: _Meta, key: str):
     v = _field(reader, key)
     if v is None:
         raise FormatError(f"{reader.path}: missing metadata key {key}")
@@ -122,8 +199,12 @@ def _rope_scaling(reader, rope_freqs, head_dim: int, theta: float) -> RopeScalin
 
 def read_config(reader, n_vocab: int) -> ModelConfig:
     arch = _field(reader, "general.architecture")
+    if arch == "llama4":
+        from .gguf_llama4 import read_config as read_llama4
+
+        return read_llama4(reader, n_vocab)
     if arch != "llama":
-        raise UnsupportedModelError(f"{reader.path}: architecture {arch!r} is not supported (camelid runs 'llama')")
+        raise UnsupportedModelError(f"{reader.path}: architecture {arch!r} is not supported (camelid runs 'llama' and 'llama4')")
     n_heads = int(_require(reader, "llama.attention.head_count"))
     dim = int(_require(reader, "llama.embedding_length"))
     head_dim = int(_field(reader, "llama.attention.key_length", dim // n_heads))
@@ -218,6 +299,8 @@ def read(path: Path) -> Checkpoint:
         heads = config.n_heads if name.endswith("wq.weight") else config.n_kv_heads if name.endswith("wk.weight") else None
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         raw = _raw(t, heads) if t.tensor_type.name not in FLOAT_TYPES else None
+        if len(shape) == 3:  # llama4 experts [X,rows,K]: raw gives the blocks [X,rows,bytes] (a memory-map view)
+            raw = _raw(t, None) if raw is not None else None
         tensors[name] = LazyTensor(shape, t.tensor_type.name, _loader(t, heads), raw)
     file_type = _field(reader, "general.file_type")
     from gguf import LlamaFileType
@@ -228,5 +311,4 @@ def read(path: Path) -> Checkpoint:
         quant = str(file_type)
     info = {"name": _field(reader, "general.name"), "quantization": quant,
             "tensor_types": sorted({t.dtype for t in tensors.values()}), "gguf_version": _field(reader, "GGUF.version")}
-    reader.fields.clear()  # everything needed is read: the parsed vocabulary arrays (~150 MB) can go
     return Checkpoint(config, tensors, tokenizer, "gguf", path, info)

@@ -111,9 +111,12 @@ def build_state(model: str | None = None, api_key: str | None = None, max_concur
                 load_adapter(net, adapter, name, activate=False)
             except CamelidError as e:
                 raise CamelidError(f"adapter {name} ({adapters[name]}): {e}") from None
+    from ..compiled import attach
+
+    attach(net, path, quant)  # the compiled decode step, when `camelid compile` has built one (not with adapters)
     engine = Engine(net, ckpt.tokenizer, max_concurrency=max_concurrency, max_seq_len=max_seq_len, max_queue=max_queue)
     limits = Limits(max_seq_len=engine.max_seq_len, max_tokens=min(max_tokens or engine.max_seq_len, engine.max_seq_len),
-                    max_n=max_concurrency, max_body_bytes=max_body_bytes)
+                    max_n=max_concurrency, max_body_bytes=max_body_bytes, vocab_size=ckpt.tokenizer.vocab_size)
     return ServerState(engine, ckpt.tokenizer, model_id, limits, template_for(ckpt.tokenizer)[0], api_key,
                        adapters=tuple(loaded), pooling=pooling)
 

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import KVCache
-from ..sampling import GREEDY, SamplingParams, apply_penalties, filter_logits, sample
+from ..compiled import step_for
+from ..sampling import GREEDY, SamplingParams, apply_logit_bias, apply_penalties, filter_logits, sample
 from ..tokenizer import Tokenizer
 from .constrained import JsonConstraint
 
@@ -255,7 +256,9 @@ class Engine:
             elif s is not None:  # prefilling: write the dummy where its next chunk will overwrite it
                 positions[b, 0] = s.pos
         self._use_adapters(self.rows[:R])
-        logits = self.model(tokens.to(self.device), positions.to(self.device), self.cache.view(0, R))[:, -1].float().cpu()
+        tokens, positions, cache = tokens.to(self.device), positions.to(self.device), self.cache.view(0, R)
+        step = step_for(self.model)  # the compiled decode step when one is built (camelid compile)
+        logits = (step(tokens, positions, cache) if step else self.model(tokens, positions, cache)[:, -1]).float().cpu()
         for b in decoding:
             s = self.rows[b]
             s.pos += 1
@@ -316,7 +319,7 @@ class Engine:
         if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             seen = torch.cat([torch.tensor(s.prompt, dtype=torch.long), out])
             logits = apply_penalties(logits, seen, out, p)
-        return logits, out
+        return apply_logit_bias(logits, p), out
 
     def _sample(self, s: Sequence_, logits: torch.Tensor) -> int:
         p = s.sampling
@@ -330,7 +333,7 @@ class Engine:
         c = s.constraint
         if tok in s.stop_ids:
             return c.can_end()
-        if tok in self.tokenizer.special_ids:
+        if tok in self.tokenizer.special_ids and not getattr(c, "free", False):  # a lazy grammar between its parts
             return False
         out = c.try_bytes(self.tokenizer.token_bytes[tok])
         if out is None:

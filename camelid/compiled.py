@@ -1,0 +1,231 @@
+"""The compiled decode step: one forward of one token per row, built ahead of time with AOTInductor.
+
+`camelid compile [MODEL]` exports the fast-path model's decode step with torch.export (batch, cache capacity and
+filled prefix all dynamic) and compiles it to a `.pt2` package in the model store:
+
+    $CAMELID_HOME/compiled/<key>.pt2     key = the model file (path, size, mtime), torch version, CPU features,
+                                         the quant mode, the activation type and STEP_VERSION
+
+The package carries a copy of the weights, but at load the model's own tensors replace them
+(`load_constants(..., user_managed=True)`), so the step
+reads the same tensors as the eager model (the copy's pages are mapped but not meant to be read).
+Prefill, adapters and the reference path stay eager; `attach(model, path)` finds a package built for this
+model and machine and, when there is one, `step_for(model)` gives generate and the server's engine the
+compiled step (eager serves when there is none: compilation never slows a `camelid run`).
+
+The step attends over the filled prefix only: the additive mask [B,1,1,S] it is given (S = the longest row's
+filled length + 1) sets how many cache slots the attention reads, whatever the cache's capacity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+import weakref
+from pathlib import Path
+
+STEP_VERSION = 1  # bump when the step's inputs or the model's decode graph change
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> CompiledStep
+
+
+class _StepCache:
+    """The KV cache as the exported step sees it (duck-typed like camelid.cache.KVCache.update): per-layer
+    [B,K,C,E] tensors written in place at the rows' positions, attention over the first S slots, S given by
+    the mask's last dimension."""
+
+    def __init__(self, k: list, v: list, mask) -> None:
+        self.k, self.v, self.mask = k, v, mask
+
+    def update(self, layer: int, positions, k, v):
+        import torch
+
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        kc, vc = self.k[layer], self.v[layer]
+        kc[rows, :, positions] = k.to(kc.dtype)
+        vc[rows, :, positions] = v.to(vc.dtype)
+        span = self.mask.shape[-1]
+        return kc[:, :, :span], vc[:, :, :span], self.mask
+
+
+def decode_step(model):
+    """The module that is exported: tokens [B,1], positions [B,1], mask [B,1,1,S], k and v (tuples of
+    [B,K,C,E]) -> last logits [B,V]. (Built here so that importing this module does not import torch.)"""
+    from torch import nn
+
+    class DecodeStep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, tokens, positions, mask, k, v):
+            return self.model(tokens, positions, _StepCache(list(k), list(v), mask))[:, -1]
+
+    return DecodeStep().eval()
+
+
+def cpu_features() -> str:
+    """The CPU's instruction-set flags that matter to generated code (part of the package key)."""
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    import platform
+
+    return platform.machine() + ":" + ",".join(w for w in wanted if w in flags)
+
+
+def package_path(model_path: str | os.PathLike, quant: str | None, dtype: str = "torch.float32") -> Path:
+    """Where the package for this model file, torch, CPU, quant mode and activation type lives in the store."""
+    import torch
+
+    from .store import home
+
+    p = Path(model_path).resolve()
+    st = p.stat()
+    key = "|".join(map(str, (p, st.st_size, st.st_mtime_ns, torch.__version__, cpu_features(), quant, dtype, STEP_VERSION)))
+    return home() / "compiled" / f"{p.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt2"
+
+
+def _example(model, batch: int = 2, capacity: int = 64):
+    import torch
+
+    from .cache import KVCache, attention_mask
+
+    cache = KVCache.for_model(model, batch, capacity)
+    positions = torch.arange(batch)[:, None] + 3  # [B,1]
+    mask = attention_mask(positions, int(positions.max()) + 1, model.dtype)
+    tokens = torch.full((batch, 1), 5, dtype=torch.long)
+    return tokens, positions, mask, tuple(cache.k), tuple(cache.v)
+
+
+def build(model, out: Path) -> Path:
+    """Export and compile model's decode step into the package `out` (minutes); written whole or not at all."""
+    import torch
+    from torch._inductor import aoti_compile_and_package
+    from torch.export import Dim, export
+
+    n = model.config.n_layers
+    batch, span, cap = Dim("batch", min=1, max=256), Dim("span", min=2, max=1 << 20), Dim("cap", min=2, max=1 << 20)
+    kv = tuple({0: batch, 2: cap} for _ in range(n))
+    shapes = ({0: batch}, {0: batch}, {0: batch, 3: span}, kv, kv)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        program = export(decode_step(model), _example(model), dynamic_shapes=shapes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}.pt2")
+    try:
+        with warnings.catch_warnings():  # torch's own deprecation notices from inside its export machinery
+            warnings.simplefilter("ignore", FutureWarning)
+            aoti_compile_and_package(program, package_path=str(tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+class CompiledStep:
+    """A loaded package bound to the model whose tensors it uses."""
+
+    def __init__(self, model, path: Path) -> None:
+        from torch._inductor import aoti_load_package
+
+        self.runner = aoti_load_package(str(path))
+        # the model's own tensors replace the package's copies (whose pages are then never read); the few constants
+        # Inductor made itself stay the package's
+        named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        state = {f"model.{k}": t for k, t in named}
+        own = {k: state[k] for k in self.runner.get_constant_fqns() if k in state}
+        self.runner.load_constants(own, check_full_update=False, user_managed=True)
+        self.dtype = model.dtype
+
+    def __call__(self, tokens, positions, cache):
+        """Logits [B,V] of one new token per row: tokens, positions [B,1]; cache a camelid.cache.KVCache."""
+        from .cache import attention_mask
+
+        mask = attention_mask(positions, int(positions.max()) + 1, self.dtype)
+        return self.runner(tokens, positions, mask, tuple(cache.k), tuple(cache.v))
+
+
+def attach(model, model_path: str | os.PathLike, quant: str | None, wait: bool = False) -> bool:
+    """Bind the package built for this model and machine, if there is one (the fast path only, no adapters):
+    loaded in a background thread, so the first token (prefill, eager) does not wait for it; decode steps run
+    eagerly until it is ready. True when a package was found. wait=True loads it before returning.
+    CAMELID_COMPILED=0 turns it off."""
+    if quant is None or os.environ.get("CAMELID_COMPILED") == "0" or getattr(model, "lora_state", None) is not None:
+        return False
+    if getattr(getattr(model, "config", None), "chunked_layers", ()):  # Llama 4's ring-buffer layers: eager only
+        return False
+    try:
+        path = package_path(model_path, quant, str(model.dtype))
+    except OSError:
+        return False
+    if not path.is_file():
+        return False
+
+    def load() -> None:
+        try:
+            _STEPS[model] = CompiledStep(model, path)
+        except Exception as e:  # a stale or damaged package: say so once and decode eagerly
+            import sys
+
+            print(f"camelid: warning: compiled decode step {path.name} not used ({type(e).__name__}: {e})", file=sys.stderr)
+
+    if wait:
+        load()
+    else:
+        import threading
+
+        threading.Thread(target=load, name="camelid-load-compiled", daemon=True).start()
+    return True
+
+
+def step_for(model) -> CompiledStep | None:
+    """The compiled decode step bound to this model, or None (decode eagerly)."""
+    return _STEPS.get(model) if _STEPS else None
+
+
+def add_parser(sub) -> None:
+    """`camelid compile [MODEL]` (cli.build_parser calls this)."""
+    p = sub.add_parser("compile", help="build the compiled decode step for a model (AOTInductor; minutes, once)")
+    p.add_argument("model", nargs="?", default=None, help="store name or path (default: the default model)")
+    p.add_argument("--quant", choices=("auto", "int8", "int4"), default="auto", help="the fast path to compile (default auto)")
+    p.add_argument("--force", action="store_true", help="build again even if a package exists")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: torch's)")
+    p.set_defaults(func=command)
+
+
+def command(args) -> None:
+    import sys
+    import time
+
+    import torch
+
+    from .errors import CamelidError
+    from .formats import read
+    from .loader import build_model
+    from .store import resolve
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CamelidError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    path = resolve(args.model)
+    out = package_path(path, args.quant)
+    if out.is_file() and not args.force:
+        print(f"{out} (already built; --force to rebuild)")
+        return
+    model = build_model(read(path), quant=args.quant)
+    if model.config.chunked_layers:
+        raise CamelidError("the compiled decode step does not cover chunked attention (Llama 4) yet; it decodes eagerly")
+    print(f"camelid: compiling the decode step of {path.name} (a few minutes) ...", file=sys.stderr, flush=True)
+    t = time.perf_counter()
+    try:
+        build(model, out)
+    except Exception as e:  # export or the C++ compiler refused: one line, the eager path still serves
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CamelidError(f"could not compile the decode step ({type(e).__name__}: {first}); decoding stays eager") from None
+    print(f"camelid: built in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    print(out)

@@ -1,0 +1,87 @@
+"""The compiled decode step (AOTInductor) against the eager model it was built from: the same logits, the same
+greedy tokens through generate and through the server's engine alone and beside others, cache capacity free."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf_factory import Spec, byte_level_vocab, write_gguf
+from test_serve_engine import Collector
+
+from camelid import compiled
+from camelid.cache import KVCache
+from camelid.formats import read
+from camelid.generate import Request, generate
+from camelid.loader import build_model
+from camelid.serve.engine import Engine, make_sequence
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A tiny Q4_0 model, its package built once (a minute or two of compiling), bound to a second load."""
+    folder = tmp_path_factory.mktemp("compiled")
+    path = folder / "tiny.gguf"
+    write_gguf(path, Spec(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128), byte_level_vocab(), Q.Q4_0)
+    model = build_model(read(path), quant="auto")
+    package = compiled.build(model, folder / "tiny.pt2")
+    eager = build_model(read(path), quant="auto")
+    fast = build_model(read(path), quant="auto")
+    return eager, fast, compiled.CompiledStep(fast, package), read(path).tokenizer
+
+
+@pytest.mark.slow
+def test_step_matches_eager_at_any_batch_and_capacity(built):
+    eager, fast, step, _ = built
+    for batch, capacity in ((1, 40), (3, 97)):
+        ce, cc = KVCache.for_model(eager, batch, capacity), KVCache.for_model(fast, batch, capacity)
+        prompt = torch.randint(3, 200, (batch, 9))
+        with torch.inference_mode():
+            eager(prompt, None, ce)
+            fast(prompt, None, cc)
+            positions = torch.arange(batch)[:, None] + 9 - torch.arange(batch)[:, None]  # filled rows end at 9
+            tokens = torch.randint(3, 200, (batch, 1))
+            want = eager(tokens, positions, ce)[:, -1]
+            got = step(tokens, positions, cc)
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(cc.k[1][:, :, :10], ce.k[1][:, :, :10])  # written in place, where eager writes
+
+
+@pytest.mark.slow
+def test_greedy_tokens_the_same_through_generate_and_engine(built):
+    eager, fast, step, tokenizer = built
+    prompts = [[5, 17, 40, 2, 9], [7, 8, 100, 33, 1, 4, 4, 60, 12, 3, 9]]
+    requests = [Request(p, 12) for p in prompts]
+    want = list(generate(eager, requests))
+    compiled._STEPS[fast] = step
+    try:
+        assert list(generate(fast, requests)) == want
+        alone = list(generate(fast, requests[1:]))
+        assert [s[0] for s in alone] == [s[1] for s in want if s[1] is not None]
+        engine = Engine(fast, tokenizer, max_concurrency=4, max_seq_len=128)
+        engine.start()
+        try:
+            outs = [Collector() for _ in prompts]
+            for p, c in zip(prompts, outs, strict=True):
+                engine.submit(make_sequence(p, 12, c))
+            for c in outs:
+                assert c.done.wait(300)
+        finally:
+            engine.stop()
+        for b, c in enumerate(outs):
+            assert c.ids == [s[b] for s in want if s[b] is not None]
+    finally:
+        compiled._STEPS.pop(fast, None)
+
+
+def test_package_key_follows_model_file_and_flags(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAMELID_HOME", str(tmp_path))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF0")
+    a, b = compiled.package_path(f, "auto"), compiled.package_path(f, "int8")
+    assert a != b and a.parent == tmp_path / "compiled"
+    f.write_bytes(b"GGUF01")
+    assert compiled.package_path(f, "auto") != a
+    assert compiled.attach(SimpleNamespace(dtype=torch.float32), f, "auto") is False  # nothing built: eager decodes
