@@ -140,6 +140,73 @@ class LLM:
         return self.start(self.encode_chat(messages, system), **options)
 
 
+    # --- retrieval ---
+    def embed(self, texts: str | Sequence[str], pooling: str = "mean", normalize: bool = True,
+              dimensions: int | None = None) -> list[float] | list[list[float]]:
+        """Embedding vectors of texts (one list of floats for a string): the final norm's hidden states pooled over
+        each text's tokens ("mean", "last" or "cls"), L2-normalised unless normalize=False; dimensions keeps the
+        first components (renormalised). Raises CamelidError for a text longer than the context."""
+        from . import embed as embed_mod
+        from .errors import CamelidError
+
+        single = isinstance(texts, str)
+        items = [texts] if single else list(texts)
+        if any(not isinstance(t, str) for t in items):
+            raise CamelidError("embed() takes a string or a list of strings")
+        try:
+            embed_mod.check_pooling(pooling)
+        except ValueError as e:
+            raise CamelidError(str(e)) from None
+        ids = [self.tokenizer.encode(t, special=False, bos=True) for t in items]
+        for i, x in enumerate(ids):
+            if not x:
+                raise CamelidError(f"text {i} is empty: it has no tokens to embed")
+            if len(x) > self.config.max_seq_len:
+                raise CamelidError(f"text {i} is {len(x)} tokens, longer than the context of {self.config.max_seq_len}")
+        out = embed_mod.embed_ids(self.model, ids, pooling, normalize)
+        if dimensions is not None:
+            try:
+                out = embed_mod.shorten(out, dimensions, normalize)
+            except ValueError as e:
+                raise CamelidError(str(e)) from None
+        vectors = out.tolist()
+        return vectors[0] if single else vectors
+
+    def rerank(self, query: str, documents: Sequence[str], top_n: int | None = None,
+               method: str = "likelihood") -> list[dict]:
+        """Documents ordered by relevance to the query, best first: [{"index", "relevance_score", "document"}].
+
+        method "likelihood": how likely the model finds the query as a question about the document; "llm": the
+        model's P(yes) to "does the document answer the query?"; "embedding": cosine similarity of mean-pooled
+        embeddings (see camelid/rerank.py)."""
+        from . import embed as embed_mod
+        from . import rerank as rerank_mod
+        from .errors import CamelidError
+
+        docs = list(documents)
+        if method == "embedding":
+            vectors = torch.tensor(self.embed([query, *docs]))
+            scores = rerank_mod.cosine_scores(vectors[0], vectors[1:]).tolist()
+        elif method in ("llm", "likelihood"):
+            pairs = [rerank_mod.pair_rows(method, self.tokenizer, self.chat_template, query, d) for d in docs]
+            rows, starts = [r for r, _ in pairs], [s for _, s in pairs]
+            for i, r in enumerate(rows):
+                if len(r) > self.config.max_seq_len:
+                    raise CamelidError(f"document {i} with the query is {len(r)} tokens, over the context of "
+                                       f"{self.config.max_seq_len}")
+            scores = [0.0] * len(rows)
+            for group in embed_mod.batches([len(r) for r in rows]):
+                if method == "likelihood":
+                    part = rerank_mod.likelihood_batch(self.model, [rows[i] for i in group], [starts[i] for i in group])
+                else:
+                    part = rerank_mod.judge_batch(self.model, [rows[i] for i in group], *rerank_mod.answer_ids(self.tokenizer))
+                for i, s in zip(group, part.tolist(), strict=True):
+                    scores[i] = s
+        else:
+            raise CamelidError(f"unknown rerank method {method!r}; choose one of {', '.join(rerank_mod.METHODS)}")
+        return [{"index": i, "relevance_score": scores[i], "document": docs[i]} for i in rerank_mod.ranked(scores, top_n)]
+
+
 class TextGeneration:
     """One request's text as it is generated. Iterate for pieces; then `.completion` holds the result."""
 

@@ -445,6 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bos", action="store_true", help="prepend BOS if the model uses one")
     p.set_defaults(func=cmd_tokenize)
 
+    from .embed_cli import add_parser as add_embed  # the command lives in its own module
+
+    add_embed(sub)
+
     p = sub.add_parser("perplexity", help="perplexity of a text file")
     p.add_argument("args", nargs="+", metavar="[MODEL] FILE")
     p.add_argument("--context", type=int, default=None, metavar="N",

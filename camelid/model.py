@@ -253,6 +253,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         logits_at: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
+        hidden: bool = False,
     ) -> torch.Tensor:
         """tokens [B,T] -> logits [B,T,V], or [B,1,V] at index logits_at[b] of each row ([B,K,V] at logits_at[b, k]).
 
@@ -260,6 +261,7 @@ class Transformer(nn.Module):
         written at those positions and each token attends to every cached position up to its own.
         segments [B,T] (training on packed rows, no cache): each token's sample id within its row; a token
         attends only to earlier tokens of its own sample (positions then restart at 0 at each sample).
+        hidden: return the final norm's output [B,T,D] (the embeddings' source) instead of the output head's logits.
         """
         B, T = tokens.shape
         if positions is None:
@@ -280,4 +282,5 @@ class Transformer(nn.Module):
         if logits_at is not None:  # [B]: one position per row -> [B,1,V]; [B,K]: K positions per row -> [B,K,V]
             rows = torch.arange(B, device=x.device)
             x = x[rows, logits_at][:, None] if logits_at.dim() == 1 else x[rows[:, None], logits_at]
-        return self.output(self.norm(x)).float()
+        x = self.norm(x)
+        return x if hidden else self.output(x).float()

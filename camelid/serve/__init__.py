@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", action="append", default=None, metavar="NAME=DIR",
                         help="serve the LoRA adapter folder DIR (peft's format) over the base as model NAME (repeatable; "
                              "a bare DIR is named after its folder). Requests choose by 'model'; the base's name means none")
+    parser.add_argument("--pooling", choices=("mean", "last", "cls"), default="mean",
+                        help="how /v1/embeddings pools the final hidden states over a text's tokens when a request "
+                             "does not say (default mean)")
 
 
 def parse_adapters(values: list[str] | None, model_id: str) -> dict[str, str]:
@@ -74,7 +77,8 @@ def parse_adapters(values: list[str] | None, model_id: str) -> dict[str, str]:
 
 def build_state(model: str | None = None, api_key: str | None = None, max_concurrency: int = 8, max_queue: int | None = None,
                 max_seq_len: int = 4096, max_tokens: int | None = None, max_body_bytes: int = 1 << 20,
-                model_id: str | None = None, quant: str | None = "auto", adapters: dict[str, str] | None = None):
+                model_id: str | None = None, quant: str | None = "auto", adapters: dict[str, str] | None = None,
+                pooling: str = "mean"):
     """Load the model and make the engine and server state (nothing is started).
 
     adapters: {name: LoRA adapter folder}, served over the one base; a request picks one by its `model`."""
@@ -114,7 +118,7 @@ def build_state(model: str | None = None, api_key: str | None = None, max_concur
     limits = Limits(max_seq_len=engine.max_seq_len, max_tokens=min(max_tokens or engine.max_seq_len, engine.max_seq_len),
                     max_n=max_concurrency, max_body_bytes=max_body_bytes, vocab_size=ckpt.tokenizer.vocab_size)
     return ServerState(engine, ckpt.tokenizer, model_id, limits, template_for(ckpt.tokenizer)[0], api_key,
-                       adapters=tuple(loaded))
+                       adapters=tuple(loaded), pooling=pooling)
 
 
 def serve(model_path: str | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: str | None = None,
@@ -147,7 +151,7 @@ def main(args: argparse.Namespace) -> int:
               cors_origins=args.cors_origin, log_level=args.log_level, max_queue=args.max_queue,
               max_seq_len=args.max_seq_len, max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes,
               model_id=args.model_id, quant=None if args.reference else args.quant, keep_alive=args.keep_alive,
-              adapters=parse_adapters(args.adapter, args.model_id or "") or None)
+              adapters=parse_adapters(args.adapter, args.model_id or "") or None, pooling=args.pooling)
     except CamelidError as e:
         print(f"camelid: error: {e}", file=sys.stderr)
         return 1

@@ -40,6 +40,7 @@ class ServerState:
     api_key: str | None = None
     created: int = 0
     adapters: tuple[str, ...] = ()  # LoRA adapters over the base, chosen by a request's `model`
+    pooling: str = "mean"  # /v1/embeddings' default pooling (camelid/embed.py)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.engine)
@@ -389,7 +390,8 @@ async def completions(request: Request) -> Response:
 def model_objects(state: ServerState) -> list[dict]:
     """The model objects this server answers for: the base model, then its adapters."""
     base = {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "camelid",
-            "max_model_len": state.limits.max_seq_len}
+            "max_model_len": state.limits.max_seq_len, "pooling": state.pooling,
+            "embedding_dimensions": state.engine.model.config.dim}
     adapters = [{**base, "id": name, "parent": state.model_id} for name in state.adapters]  # as vLLM lists LoRAs
     return [base, *adapters]
 
@@ -491,6 +493,14 @@ class CountRequests:
         await self.app(scope, receive, counted)
 
 
+def retrieval_routes() -> list[Route]:
+    from .embeddings import embeddings
+    from .rerank import rerank_endpoint as rerank
+
+    return [Route("/v1/embeddings", embeddings, methods=["POST"]),
+            *(Route(p, rerank, methods=["POST"]) for p in ("/v1/rerank", "/v2/rerank", "/rerank"))]
+
+
 def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Starlette:
     """The ASGI app. The engine is started and stopped with the app's lifespan."""
     routes = [
@@ -503,6 +513,7 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
+        *retrieval_routes(),
     ]
     middleware = []
     if cors_origins:

@@ -5,6 +5,8 @@ The engine runs in its own thread. Each step it
   2. runs one forward over every decoding row (one new token each; idle rows get a harmless dummy),
   3. prefills waiting prompts in fixed chunks of `prefill_chunk` tokens, one row at a time, so a long
      prompt costs the running streams one chunk of delay per step instead of stalling them.
+Between steps it runs at most one job given to `call` (an embedding or rerank forward over the same weights), so
+such work interleaves with the running streams instead of racing them for the model.
 Chunk boundaries and sampling depend only on the sequence itself, never on its neighbours, so a
 greedy request gives the same tokens alone or beside others.
 
@@ -17,6 +19,8 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -86,6 +90,7 @@ class Engine:
         self.cache = KVCache.for_model(model, max_concurrency, self.max_seq_len)
         self.rows: list[Sequence_ | None] = [None] * max_concurrency
         self.waiting: deque[Sequence_] = deque()
+        self.jobs: deque[tuple[Callable[[], object], str | None, Future]] = deque()  # see call()
         self.cond = threading.Condition()
         self.running = False
         self.thread: threading.Thread | None = None
@@ -130,6 +135,20 @@ class Engine:
             self.waiting.append(seq)
             self.cond.notify_all()
 
+    def call(self, fn: Callable[[], object], adapter: str | None = None) -> Future:
+        """Run fn() on the engine thread between two steps (an embedding forward); the Future gets its result or
+        exception. adapter: the LoRA adapter the model uses meanwhile (None: the base). QueueFullError when
+        max_queue jobs wait already, EngineStoppedError when not running."""
+        future: Future = Future()
+        with self.cond:
+            if not self.running:
+                raise EngineStoppedError(self.error or "the engine is not running")
+            if len(self.jobs) >= self.max_queue:
+                raise QueueFullError(f"{len(self.jobs)} embedding jobs waiting")
+            self.jobs.append((fn, adapter, future))
+            self.cond.notify_all()
+        return future
+
     def cancel(self, seq: Sequence_) -> None:
         """Stop a sequence (client gone, stop string seen); its slot is freed before the next step."""
         with self.cond:
@@ -149,13 +168,17 @@ class Engine:
         while True:
             with self.cond:
                 self._admit()
-                while self.running and not any(self.rows) and not self.waiting:
+                while self.running and not any(self.rows) and not self.waiting and not self.jobs:
                     self.cond.wait()
                     self._admit()
                 if not self.running:
                     break
+                job = self.jobs.popleft() if self.jobs else None
+            if job is not None:
+                self._run_job(*job)
             try:
-                self._step()
+                if any(self.rows):
+                    self._step()
             except Exception as e:  # a bug or out of memory: fail the running sequences, keep serving
                 message = f"{type(e).__name__}: {e}"
                 for b, s in enumerate(self.rows):
@@ -167,6 +190,24 @@ class Engine:
                     self._finish(b, Finish("error", "the server is shutting down"))
             while self.waiting:
                 self.waiting.popleft().emit(Finish("error", "the server is shutting down"))
+            while self.jobs:
+                self.jobs.popleft()[2].set_exception(EngineStoppedError("the server is shutting down"))
+
+    def _run_job(self, fn: Callable[[], object], adapter: str | None, future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            with torch.inference_mode(), self._adapter_for_all(adapter):
+                future.set_result(fn())
+        except Exception as e:  # the job's own error (or out of memory): its caller answers it
+            future.set_exception(e)
+
+    def _adapter_for_all(self, adapter: str | None):
+        if self._adapters is None:
+            return nullcontext()
+        from ..train.lora import use_adapters
+
+        return use_adapters(self.model, adapter)
 
     def _admit(self) -> None:
         """Free cancelled rows and fill free rows (lowest first) from the queue. Holds self.cond."""
