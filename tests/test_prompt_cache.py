@@ -9,6 +9,7 @@ import torch
 
 from camelid.cache import KVCache
 from camelid.prompt_cache import Block, BlockStore, PromptCache, next_chunk
+from camelid.sampling import GREEDY
 from camelid.serve.engine import Engine, Finish, make_sequence
 
 
@@ -107,6 +108,7 @@ def questions(tok, n=16):
     return [tok.encode(f"{system}Question {i}: what is {i} times {i + 3}? Answer:", bos=True) for i in range(n)]
 
 
+@pytest.mark.slow
 def test_greedy_is_byte_identical_cache_off_cold_warm_and_concurrent(fast):
     tok = fast.tokenizer
     prompts = questions(tok)
@@ -136,3 +138,24 @@ def test_greedy_is_byte_identical_cache_off_cold_warm_and_concurrent(fast):
     assert min(warm_cached) >= 64 and min(conc_cached) >= 64
     assert salted_cached[0] == 0 and salted_cached[1] >= 64  # the salt's own chain, never the others'
     assert store.hits > 0 and store.misses >= 2 and store.bytes <= store.capacity
+
+
+@pytest.mark.slow
+def test_api_chat_turns_reuse_the_previous_turns_and_answer_the_same(fast, default_model_path):
+    import camelid
+
+    plain = camelid.load(default_model_path, cache_mb=0)
+    history = [{"role": "system", "content": "You are a terse assistant. " * 8}]
+    turns = ["Name a colour.", "Name a fruit of that colour.", "How many letters has it?"]
+    cached = []
+    for text in turns:
+        history.append({"role": "user", "content": text})
+        ids = fast.encode_chat(history)
+        got = fast.start(ids, max_tokens=10, sampling=GREEDY).run()
+        want = plain.start(ids, max_tokens=10, sampling=GREEDY).run()
+        assert got.token_ids == want.token_ids and want.cached_tokens == 0
+        cached.append((got.cached_tokens, len(ids)))
+        history.append({"role": "assistant", "content": got.text})
+    # every later turn restores all but the tail of the previous prompt (its last, partial, small chunk)
+    for (now, _), (_, before) in zip(cached[1:], cached[:-1]):
+        assert now >= before - 16 and now > 0

@@ -20,6 +20,7 @@ DEFAULT_PORT = 8000
 # the moment a client reuses it, that request would fail with "Server disconnected without sending a response"
 # (uvicorn's own default is 5 s, the same as httpx's: a race). 75 s is nginx's default.
 DEFAULT_KEEP_ALIVE = 75
+DEFAULT_CACHE_MB = 1024  # the default model's KV is 46 KB a token: about 22,000 cached prompt tokens
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", action="append", default=None, metavar="NAME=DIR",
                         help="serve the LoRA adapter folder DIR (peft's format) over the base as model NAME (repeatable; "
                              "a bare DIR is named after its folder). Requests choose by 'model'; the base's name means none")
+    parser.add_argument("--cache-mb", type=float, default=DEFAULT_CACHE_MB, metavar="N",
+                        help=f"MiB of prompt KV kept for reuse by later requests and turns (default {DEFAULT_CACHE_MB}; "
+                             "0 turns the prompt cache off). Reuse is exact: the output never changes")
 
 
 def parse_adapters(values: list[str] | None, model_id: str) -> dict[str, str]:
@@ -74,7 +78,8 @@ def parse_adapters(values: list[str] | None, model_id: str) -> dict[str, str]:
 
 def build_state(model: str | None = None, api_key: str | None = None, max_concurrency: int = 8, max_queue: int | None = None,
                 max_seq_len: int = 4096, max_tokens: int | None = None, max_body_bytes: int = 1 << 20,
-                model_id: str | None = None, quant: str | None = "auto", adapters: dict[str, str] | None = None):
+                model_id: str | None = None, quant: str | None = "auto", adapters: dict[str, str] | None = None,
+                cache_mb: float = DEFAULT_CACHE_MB, store=None):
     """Load the model and make the engine and server state (nothing is started).
 
     adapters: {name: LoRA adapter folder}, served over the one base; a request picks one by its `model`."""
@@ -107,7 +112,14 @@ def build_state(model: str | None = None, api_key: str | None = None, max_concur
                 load_adapter(net, adapter, name, activate=False)
             except CamelidError as e:
                 raise CamelidError(f"adapter {name} ({adapters[name]}): {e}") from None
-    engine = Engine(net, ckpt.tokenizer, max_concurrency=max_concurrency, max_seq_len=max_seq_len, max_queue=max_queue)
+    from ..prompt_cache import BlockStore, PromptCache, mb_to_bytes
+
+    if cache_mb < 0:
+        raise CamelidError(f"--cache-mb must be >= 0, got {cache_mb:g}")
+    store = store if store is not None else BlockStore(mb_to_bytes(cache_mb))
+    prompt_cache = PromptCache(store, f"{model_id}|{path}|{quant}")
+    engine = Engine(net, ckpt.tokenizer, max_concurrency=max_concurrency, max_seq_len=max_seq_len, max_queue=max_queue,
+                    prompt_cache=prompt_cache)
     limits = Limits(max_seq_len=engine.max_seq_len, max_tokens=min(max_tokens or engine.max_seq_len, engine.max_seq_len),
                     max_n=max_concurrency, max_body_bytes=max_body_bytes)
     return ServerState(engine, ckpt.tokenizer, model_id, limits, template_for(ckpt.tokenizer)[0], api_key,
@@ -144,7 +156,7 @@ def main(args: argparse.Namespace) -> int:
               cors_origins=args.cors_origin, log_level=args.log_level, max_queue=args.max_queue,
               max_seq_len=args.max_seq_len, max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes,
               model_id=args.model_id, quant=None if args.reference else args.quant, keep_alive=args.keep_alive,
-              adapters=parse_adapters(args.adapter, args.model_id or "") or None)
+              adapters=parse_adapters(args.adapter, args.model_id or "") or None, cache_mb=args.cache_mb)
     except CamelidError as e:
         print(f"camelid: error: {e}", file=sys.stderr)
         return 1

@@ -165,7 +165,7 @@ class Generation:
             if sampling.seed is not None and i:
                 sampling = replace(sampling, seed=sampling.seed + i)
             seq = make_sequence(prompt, max_tokens, self._emitter(i), sampling=sampling, stop_ids=state.tokenizer.stop_ids,
-                                logprobs=params.logprobs, adapter=adapter,
+                                logprobs=params.logprobs, adapter=adapter, salt=params.cache_salt,
                                 constraint=JsonConstraint(params.schema) if params.schema is not None else None)
             try:
                 engine.submit(seq)
@@ -236,7 +236,9 @@ class Generation:
 
     def usage(self) -> dict:
         done = sum(c.tokens for c in self.choices)
-        return {"prompt_tokens": len(self.prompt), "completion_tokens": done, "total_tokens": len(self.prompt) + done}
+        cached = max(0, self.choices[0].seq.cached) if self.choices else 0
+        return {"prompt_tokens": len(self.prompt), "completion_tokens": done, "total_tokens": len(self.prompt) + done,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def sse(data: dict | str) -> bytes:
