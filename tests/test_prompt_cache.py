@@ -30,7 +30,7 @@ def test_schedule_is_a_function_of_positions_and_prefix_consistent():
         while pos < longer:
             pos = next_chunk(pos, longer, 256, 16)
             ends.add(pos)
-        for a, b in spans[:-1]:
+        for _, b in spans[:-1]:
             assert b in ends or (b // 256) * 256 + 256 <= longer
 
 
@@ -159,3 +159,15 @@ def test_api_chat_turns_reuse_the_previous_turns_and_answer_the_same(fast, defau
     # every later turn restores all but the tail of the previous prompt (its last, partial, small chunk)
     for (now, _), (_, before) in zip(cached[1:], cached[:-1]):
         assert now >= before - 16 and now > 0
+
+
+def test_templates_that_defeat_reuse_are_named():
+    from camelid.chat import BUILTIN, prefix_reuse_problem
+
+    assert all(prefix_reuse_problem(t) is None for t in BUILTIN.values())
+    dated = "{{ 'Today is ' + strftime_now('%d %b') }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tools = "{% if tools %}TOOLS {% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    last_only = "{{ messages[-1]['content'] }}"
+    assert "date" in prefix_reuse_problem(dated)
+    assert "tool list" in prefix_reuse_problem(tools)
+    assert "earlier turns" in prefix_reuse_problem(last_only)

@@ -38,9 +38,10 @@ class ServerState:
     api_key: str | None = None
     created: int = 0
     adapters: tuple[str, ...] = ()  # LoRA adapters over the base, chosen by a request's `model`
+    metrics: Metrics | None = None  # several models share the server's
 
     def __post_init__(self) -> None:
-        self.metrics = Metrics(self.engine)
+        self.metrics = self.metrics or Metrics(self.engine)
         self.created = self.created or int(time.time())
 
 
@@ -69,6 +70,8 @@ class ApiKeyMiddleware:
 
 async def read_json(request: Request, limits: Limits) -> dict:
     """The request body as a JSON object; 413 past the size limit, 400 when it is not a JSON object."""
+    if isinstance(getattr(request.state, "body", None), dict):  # read already, to choose the model
+        return request.state.body
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
         raise ApiError(413, f"the request body is over {limits.max_body_bytes} bytes", None, "request_too_large")
@@ -314,7 +317,7 @@ def constrained_fits(state: ServerState, params: GenParams, max_tokens: int) -> 
 # --- endpoints ---
 
 async def chat_completions(request: Request) -> Response:
-    state: ServerState = request.app.state.camelid
+    state: ServerState = state_of(request)
     body = await read_json(request, state.limits)
     adapter = check_model(body, state)
     params = parse_common(body, state.limits, chat=True)
@@ -329,7 +332,7 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def completions(request: Request) -> Response:
-    state: ServerState = request.app.state.camelid
+    state: ServerState = state_of(request)
     body = await read_json(request, state.limits)
     adapter = check_model(body, state)
     params = parse_common(body, state.limits, chat=False)
@@ -347,6 +350,10 @@ async def completions(request: Request) -> Response:
 
 async def models(request: Request) -> Response:
     state: ServerState = request.app.state.camelid
+    registry = getattr(request.app.state, "registry", None)
+    if registry is not None:  # several models: each with its status (loaded, loading, unloaded) and load count
+        data = [{"object": "model", "created": state.created, "owned_by": "camelid", **m} for m in registry.listing()]
+        return JSONResponse({"object": "list", "data": data})
     base = {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "camelid",
             "max_model_len": state.limits.max_seq_len}
     adapters = [{**base, "id": name, "parent": state.model_id} for name in state.adapters]  # as vLLM lists LoRAs
@@ -355,7 +362,7 @@ async def models(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     state: ServerState = request.app.state.camelid
-    if not state.engine.running:
+    if not state.engine.running and getattr(request.app.state, "registry", None) is None:
         return JSONResponse({"status": "unavailable"}, status_code=503)
     return JSONResponse({"status": "ok"})
 
@@ -366,7 +373,7 @@ async def metrics(request: Request) -> Response:
 
 
 async def tokenize(request: Request) -> Response:
-    state: ServerState = request.app.state.camelid
+    state: ServerState = state_of(request)
     body = await read_json(request, state.limits)
     tok = state.tokenizer
     if "messages" in body:
@@ -386,7 +393,7 @@ async def tokenize(request: Request) -> Response:
 
 
 async def detokenize(request: Request) -> Response:
-    state: ServerState = request.app.state.camelid
+    state: ServerState = state_of(request)
     body = await read_json(request, state.limits)
     ids = body.get("tokens")
     if not isinstance(ids, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
@@ -400,6 +407,39 @@ async def index(request: Request) -> Response:
     page = resources.files("camelid.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     return HTMLResponse(page, headers={"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
                                                                    "style-src 'unsafe-inline'"})
+
+
+# --- several models: a request leases the one it names ---
+
+def state_of(request: Request) -> ServerState:
+    """The model state a request runs on: the one its lease chose, else the server's only model."""
+    return getattr(request.state, "camelid", None) or request.app.state.camelid
+
+
+def leased(handler):
+    """Wrap an endpoint: with a registry, lease the body's `model` (loading it on demand, waiting while it loads) for
+    the whole response, streams included, and release it with the body's `keep_alive` when the response ends."""
+    from starlette.background import BackgroundTask
+
+    from .registry import parse_keep_alive
+
+    async def endpoint(request: Request) -> Response:
+        registry = getattr(request.app.state, "registry", None)
+        if registry is None:
+            return await handler(request)
+        body = await read_json(request, request.app.state.camelid.limits)
+        keep_alive = parse_keep_alive(body.get("keep_alive"))
+        entry = await registry.acquire(body.get("model"))
+        request.state.body, request.state.camelid = body, entry.state
+        try:
+            response = await handler(request)
+        except BaseException:
+            await registry.release(entry, keep_alive)
+            raise
+        response.background = BackgroundTask(registry.release, entry, keep_alive)
+        return response
+
+    return endpoint
 
 
 # --- errors as OpenAI-style bodies, never a traceback ---
@@ -436,17 +476,19 @@ class CountRequests:
         await self.app(scope, receive, counted)
 
 
-def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Starlette:
-    """The ASGI app. The engine is started and stopped with the app's lifespan."""
+def create_app(state: ServerState, cors_origins: list[str] | None = None, registry=None) -> Starlette:
+    """The ASGI app. The engine is started and stopped with the app's lifespan.
+
+    registry (camelid/serve/registry.py): several models, `state` being the first (loaded) one."""
     routes = [
         Route("/", index),
         Route("/health", health),
         Route("/metrics", metrics),
         Route("/v1/models", models),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/tokenize", tokenize, methods=["POST"]),
-        Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/v1/chat/completions", leased(chat_completions), methods=["POST"]),
+        Route("/v1/completions", leased(completions), methods=["POST"]),
+        Route("/tokenize", leased(tokenize), methods=["POST"]),
+        Route("/detokenize", leased(detokenize), methods=["POST"]),
     ]
     middleware = []
     if cors_origins:
@@ -463,11 +505,23 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
     async def lifespan(app):
         if not state.engine.running:
             state.engine.start()
+        reaper = asyncio.create_task(_reap(registry)) if registry is not None else None
         yield
+        if reaper is not None:
+            reaper.cancel()
+            registry.stop_all()
         state.engine.stop()
 
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
                     exception_handlers={ApiError: api_error, HTTPException: http_error,
                                         Exception: server_error})
     app.state.camelid = state
+    app.state.registry = registry
     return app
+
+
+async def _reap(registry) -> None:
+    """Unload models whose keep-alive has run out, twice a second."""
+    while True:
+        await asyncio.sleep(0.5)
+        await registry.reap()
