@@ -16,6 +16,11 @@ def _labels(labels: tuple[tuple[str, str], ...]) -> str:
     return "{" + inner + "}"
 
 
+def _num(value: float) -> str:
+    """A sample value: whole numbers exactly (a byte count in %g would lose digits)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 class Counter:
     def __init__(self, name: str, help: str) -> None:
         self.name, self.help = name, help
@@ -41,14 +46,14 @@ class Gauge:
         self.name, self.help, self.read = name, help, read
 
     def render(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge", f"{self.name} {self.read():g}"]
+        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge", f"{self.name} {_num(self.read())}"]
 
 
 class ReadCounter(Gauge):
     """A counter kept elsewhere (read when scraped)."""
 
     def render(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter", f"{self.name} {self.read():g}"]
+        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter", f"{self.name} {_num(self.read())}"]
 
 
 class Histogram:
