@@ -6,6 +6,7 @@ encoded as plain text, so user text can never open or close a turn.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -82,6 +83,10 @@ def _compile(source: str):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    # as transformers renders it: keys in their order and no HTML escaping (jinja's own tojson does both),
+    # so a tool's schema reads the same to the model here as in the template authors' tests
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     try:
         return env.from_string(source)
     except TemplateSyntaxError as e:
@@ -128,8 +133,9 @@ _MARK = 0xF0000  # Unicode supplementary private use area: stands in for special
 
 
 def encode_chat(tokenizer: Tokenizer, messages: Dialog, template: str | None = None,
-                add_generation_prompt: bool = True) -> list[int]:
-    """Prompt ids for a conversation. Special-token names inside message text stay plain text."""
+                add_generation_prompt: bool = True, **extra) -> list[int]:
+    """Prompt ids for a conversation. Special-token names inside message text stay plain text.
+    `extra` are more template variables (`tools=[...]` for a template that renders tools)."""
     messages = validate(messages)
     source = template or template_for(tokenizer)[0]
     names = sorted({tokenizer.backend.id_to_token(i) for i in tokenizer.special_ids}, key=len, reverse=True)
@@ -143,7 +149,7 @@ def encode_chat(tokenizer: Tokenizer, messages: Dialog, template: str | None = N
         return text
 
     safe = [{**m, "content": protect(m["content"])} for m in messages]
-    text = render(source, safe, tokenizer, add_generation_prompt)
+    text = render(source, safe, tokenizer, add_generation_prompt, **extra)
     ids: list[int] = []
     if not literal:
         ids = tokenizer.encode(text, special=True)

@@ -475,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     _add_finetune(sub)
+    from .train import pretrain, tokenizer_train
+
+    tokenizer_train.add_parser(sub)
+    pretrain.add_parsers(sub)  # prepare, pretrain
 
     from .serve import add_arguments as serve_arguments  # flags only: the server's modules load on use
 
@@ -602,9 +606,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
     if at is None or at > 0 or argv[at] not in commands:
         return parser.parse_args(argv)  # --help, --version, a missing or unknown command: argparse says so
-    sub = commands[argv[at]]
-    args = sub.parse_intermixed_args(argv[at + 1 :])
-    args.command = argv[at]
+    sub, command = commands[argv[at]], argv[at]
+    inner = getattr(sub, "commands", None)  # a command with sub-commands (`camelid tokenizer train`): descend
+    rest = argv[at + 1 :]
+    if inner is not None and rest and rest[0] in inner:
+        sub, command, rest = inner[rest[0]], f"{command} {rest[0]}", rest[1:]
+    elif inner is not None:
+        return parser.parse_args(argv)  # its --help, or a missing or unknown sub-command: argparse says so
+    args = sub.parse_intermixed_args(rest)
+    args.command = command
     return args
 
 

@@ -132,7 +132,7 @@ def build_state(model: str | None = None, api_key: str | None = None, max_concur
     engine = Engine(net, ckpt.tokenizer, max_concurrency=max_concurrency, max_seq_len=max_seq_len, max_queue=max_queue,
                     prompt_cache=prompt_cache)
     limits = Limits(max_seq_len=engine.max_seq_len, max_tokens=min(max_tokens or engine.max_seq_len, engine.max_seq_len),
-                    max_n=max_concurrency, max_body_bytes=max_body_bytes)
+                    max_n=max_concurrency, max_body_bytes=max_body_bytes, vocab_size=ckpt.tokenizer.vocab_size)
     template = template_for(ckpt.tokenizer)[0]
     if store.enabled:
         warn_reuse(model_id, template, ckpt.tokenizer)
