@@ -108,11 +108,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both servers")
+    ap.add_argument("--prompt-cache", action="store_true",
+                    help="the prompt-cache scenarios instead (bench/bench_prompt_cache.py)")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     from camelid.store import resolve
 
     gguf = str(resolve(args.model))
+    if args.prompt_cache:
+        return prompt_cache_main(gguf, args)
     slots = max(args.concurrency)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
     print(f"model {gguf}; {args.max_tokens} new tokens per request, {args.requests} requests per stream, "
@@ -150,6 +154,44 @@ def main() -> None:
         p = peer.get(c)
         print(f"| {c} | {cam[c]:.1f} | {cam[c] / cam[args.concurrency[0]]:.2f} | {f'{p:.1f}' if p else '-'} | "
               f"{f'{cam[c] / p:.2f}' if p else '-'} |")
+
+
+def prompt_cache_main(gguf: str, args) -> None:
+    """camelid with the prompt cache on and off, and llama.cpp's server, through the same scenarios."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import bench_prompt_cache as pc
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
+    results: dict = {"prefix": {}, "turns": {}, "throughput": {}}
+    servers = [("camelid cache on", ["--cache-mb", "1024"]), ("camelid cache off", ["--cache-mb", "0"])]
+    for name, flags in servers:
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        proc = start([sys.executable, "-m", "camelid.serve", gguf, "--port", str(port), "--max-concurrency", "8",
+                      "--max-seq-len", "2048", "--model-id", "m", "--log-level", "warning", *flags], base, env)
+        try:
+            pc.throughput(base, "m", 2, 4)  # warm up
+            results["prefix"][name] = pc.shared_prefix(base, "m")
+            results["turns"][name] = pc.chat_turns(base, "m")
+            results["throughput"][name] = [pc.throughput(base, "m") for _ in range(args.repeats)]
+            print(name, results["prefix"][name], results["turns"][name], results["throughput"][name], flush=True)
+        finally:
+            stop(proc)
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama.cpp peer skipped: llama_cpp not installed (pip install 'camelid[bench]')")
+    else:
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        proc = start([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port), "--host", "127.0.0.1",
+                      "--n_ctx", "4096", "--n_threads", str(args.threads), "--model_alias", "m"], base, env)
+        try:
+            results["prefix"]["llama.cpp server"] = pc.shared_prefix(base, "m")
+            print("llama.cpp", results["prefix"]["llama.cpp server"], flush=True)
+        finally:
+            stop(proc)
+    pc.report(results)
 
 
 if __name__ == "__main__":

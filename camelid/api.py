@@ -11,6 +11,7 @@ import torch
 from . import chat as chat_mod
 from .formats import Checkpoint
 from .generate import Request, check_fits, generate_one
+from .prompt_cache import BlockStore, PromptCache, mb_to_bytes
 from .sampling import SamplingParams
 from .textstream import TextStream
 from .tokenizer import Tokenizer
@@ -22,17 +23,27 @@ class Completion:
     token_ids: list[int]
     prompt_tokens: int
     finish_reason: str  # "stop" (stop token or string) or "length" (max_tokens or context end)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prompt cache (earlier calls' prompts)
+
+
+DEFAULT_CACHE_MB = 256
 
 
 class LLM:
-    """A loaded model with its tokenizer and chat template."""
+    """A loaded model with its tokenizer and chat template.
 
-    def __init__(self, model: torch.nn.Module, checkpoint: Checkpoint) -> None:
+    Calls share a prompt cache (`cache_mb` MiB of KV, 0 for none): a call whose prompt starts like an earlier
+    one's (the next turn of a chat, a shared system prompt) prefills only the rest, with the same output."""
+
+    def __init__(self, model: torch.nn.Module, checkpoint: Checkpoint, cache_mb: float = DEFAULT_CACHE_MB,
+                 cache_key: str | None = None) -> None:
         self.model = model
         self.checkpoint = checkpoint
         self.tokenizer: Tokenizer = checkpoint.tokenizer
         self.config = checkpoint.config
         self.chat_template, self.chat_template_source = chat_mod.template_for(self.tokenizer)
+        # the key names everything that changes the numbers: weights, how they run, the adapter
+        self.prompt_cache = PromptCache(BlockStore(mb_to_bytes(cache_mb)), cache_key or f"{checkpoint.path}|{id(model)}")
 
     # --- prompts ---
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -51,7 +62,7 @@ class LLM:
         """A generation from prompt ids: iterate it for text pieces; `.completion` is set at the end."""
         check_fits(len(prompt_ids), self.config.max_seq_len)
         request = Request(list(prompt_ids), max_tokens, sampling or SamplingParams(), self.tokenizer.stop_ids)
-        return TextGeneration(self.model, self.tokenizer, request, stop)
+        return TextGeneration(self.model, self.tokenizer, request, stop, self.prompt_cache)
 
     def complete(self, prompt: str, **options) -> Completion:
         """Plain completion of `prompt` (no chat template), with token counts and finish reason."""
@@ -210,15 +221,17 @@ class LLM:
 class TextGeneration:
     """One request's text as it is generated. Iterate for pieces; then `.completion` holds the result."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, request: Request, stop: Sequence[str]) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, request: Request, stop: Sequence[str],
+                 prompt_cache: PromptCache | None = None) -> None:
         self.model, self.tokenizer, self.request, self.stop = model, tokenizer, request, stop
+        self.prompt_cache = prompt_cache
         self.completion: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:
         text = TextStream(self.tokenizer, self.stop)
         ids: list[int] = []
         reason = "length"
-        for tok in generate_one(self.model, self.request):
+        for tok in generate_one(self.model, self.request, self.prompt_cache):
             ids.append(tok)
             if tok in self.request.stop_ids:
                 reason = "stop"
@@ -232,7 +245,7 @@ class TextGeneration:
         tail = text.finish()
         if tail:
             yield tail
-        self.completion = Completion(text.text, ids, len(self.request.prompt), reason)
+        self.completion = Completion(text.text, ids, len(self.request.prompt), reason, self.request.cached)
 
     def run(self) -> Completion:
         for _ in self:
@@ -242,12 +255,13 @@ class TextGeneration:
 
 def load(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
          device: str | torch.device = "cpu", quant: str | None = "auto",
-         adapter: str | os.PathLike | None = None) -> LLM:
+         adapter: str | os.PathLike | None = None, cache_mb: float = DEFAULT_CACHE_MB) -> LLM:
     """Load a model by store name or path (a GGUF file, a Hugging Face or Meta folder). None means the default model.
 
     quant="auto" (default) is the fast path: GGUF Q4_0/Q4_1/Q8_0 weights stay quantized, products in bfloat16;
     "int8" / "int4" quantize every linear layer at load; None is the float32 reference path (see camelid/loader.py).
     adapter: a LoRA adapter folder (peft's format) applied without merging, on either path.
+    cache_mb: MiB of prompt KV kept for reuse by later calls (0: none); reuse never changes the output.
     """
     from .formats import read
     from .loader import build_model
@@ -267,4 +281,4 @@ def load(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype | Non
     from .compiled import attach
 
     attach(model, ckpt.path, quant)  # the compiled decode step, when `camelid compile` has built one
-    return LLM(model, ckpt)
+    return LLM(model, ckpt, cache_mb, cache_key=f"{ckpt.path}|{quant}|{dtype}|{device}|{adapter}")

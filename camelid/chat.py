@@ -176,3 +176,22 @@ def encode_chat(tokenizer: Tokenizer, messages: Dialog, template: str | None = N
     if tokenizer.add_bos and tokenizer.bos_id is not None and (not ids or ids[0] != tokenizer.bos_id):
         ids.insert(0, tokenizer.bos_id)
     return ids
+
+
+def prefix_reuse_problem(source: str, tokenizer: Tokenizer | None = None) -> str | None:
+    """Why a template defeats prompt reuse between turns (None when it does not): it rewrites what comes before
+    the conversation (a date, the tool list) or earlier turns, so turn n+1's prompt does not start with turn n's."""
+    if "strftime_now" in source:
+        return "it writes today's date before the conversation"
+    turn = [{"role": "user", "content": "Hello."}]
+    more = turn + [{"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Bye."}]
+    try:
+        first, second = render(source, turn, tokenizer, False), render(source, more, tokenizer, False)
+        with_tools = render(source, turn, tokenizer, False, tools=[{"type": "function", "function": {"name": "f"}}])
+    except TemplateError:
+        return None
+    if not second.startswith(first):
+        return "it rewrites earlier turns when a turn is added"
+    if not with_tools.startswith(first):
+        return "it writes the tool list before the conversation"
+    return None

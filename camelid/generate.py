@@ -10,6 +10,7 @@ import torch
 from .cache import KVCache
 from .compiled import step_for
 from .errors import ContextLengthError, SamplingError
+from .prompt_cache import SMALL_CHUNK, PromptCache, next_chunk
 from .sampling import GREEDY, SamplingParams, sample
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory for long prompts
@@ -23,6 +24,7 @@ class Request:
     max_tokens: int
     sampling: SamplingParams = GREEDY
     stop_ids: frozenset[int] = frozenset()
+    cached: int = 0  # set by prefill: prompt tokens restored from the prompt cache
 
 
 def check_fits(prompt_len: int, context: int) -> None:
@@ -33,27 +35,41 @@ def check_fits(prompt_len: int, context: int) -> None:
 
 
 @torch.inference_mode()
-def prefill(model: torch.nn.Module, cache: KVCache, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Run each prompt into its row of the cache; logits of each row's last token [B,V].
+def prefill(model: torch.nn.Module, cache: KVCache, prompts: Sequence[Sequence[int]],
+            prompt_cache: PromptCache | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Run each prompt into its row of the cache: (logits of each row's last token [B,V], tokens restored per row).
 
-    Row by row, in chunks of PREFILL_CHUNK: a row's work (and its numbers) is the same alone or in a batch,
-    and no compute goes to padding."""
+    Row by row, in the chunks of camelid/prompt_cache.py's schedule (PREFILL_CHUNK, then small ones): a row's
+    work (and its numbers) is the same alone or in a batch, with the prompt cache or without, and no compute
+    goes to padding. With a prompt cache, the longest cached chain of chunks is copied in and every whole
+    chunk computed is kept."""
     device = model.device
     last = torch.empty(len(prompts), model.config.vocab_size, device=device)
+    restored = []
     for b, prompt in enumerate(prompts):
+        prompt = list(prompt)
         row = cache.view(b, b + 1)
-        tokens = torch.as_tensor(list(prompt), dtype=torch.long, device=device)[None]
-        for start in range(0, tokens.shape[1], PREFILL_CHUNK):
-            chunk = tokens[:, start : start + PREFILL_CHUNK]
-            positions = torch.arange(start, start + chunk.shape[1], device=device)[None]
-            logits = model(chunk, positions, row, logits_at=torch.tensor([chunk.shape[1] - 1], device=device))
+        start, key = prompt_cache.restore(cache, b, prompt) if prompt_cache is not None else (0, b"")
+        restored.append(start)
+        tokens = torch.as_tensor(prompt, dtype=torch.long, device=device)[None]
+        while start < len(prompt):
+            end = next_chunk(start, len(prompt), PREFILL_CHUNK, SMALL_CHUNK)
+            positions = torch.arange(start, end, device=device)[None]
+            logits = model(tokens[:, start:end], positions, row, logits_at=torch.tensor([end - start - 1], device=device))
+            if prompt_cache is not None:
+                key = prompt_cache.save(cache, b, prompt, start, end, key)
+            start = end
         last[b] = logits[0, 0]
-    return last
+    return last, restored
 
 
 @torch.inference_mode()
-def generate(model: torch.nn.Module, requests: Sequence[Request]) -> Iterator[list[int | None]]:
+def generate(model: torch.nn.Module, requests: Sequence[Request],
+             prompt_cache: PromptCache | None = None) -> Iterator[list[int | None]]:
     """Continue every request together. Each step yields one new id per row, or None for a finished row.
+
+    prompt_cache: reuse the KV of earlier prompts' chunks (exact: the output is the same without it); each
+    request's `cached` is set to the prompt tokens it restored.
 
     A row ends at one of its stop ids (which is yielded) or after max_tokens. Rows of different
     prompt lengths give the same greedy tokens as they would alone.
@@ -78,7 +94,9 @@ def generate(model: torch.nn.Module, requests: Sequence[Request]) -> Iterator[li
     positions = torch.tensor([len(r.prompt) for r in requests], device=device)
     done = [n == 0 for n in budgets]
 
-    logits = prefill(model, cache, [r.prompt for r in requests])
+    logits, restored = prefill(model, cache, [r.prompt for r in requests], prompt_cache)
+    for r, n in zip(requests, restored, strict=True):
+        r.cached = n
     step_fn = step_for(model)  # the compiled decode step when one is built for this model (camelid compile)
     while True:
         step: list[int | None] = []
@@ -100,8 +118,8 @@ def generate(model: torch.nn.Module, requests: Sequence[Request]) -> Iterator[li
         positions = positions + 1
 
 
-def generate_one(model: torch.nn.Module, request: Request) -> Iterator[int]:
+def generate_one(model: torch.nn.Module, request: Request, prompt_cache: PromptCache | None = None) -> Iterator[int]:
     """The new ids of a single request, as they come."""
-    for step in generate(model, [request]):
+    for step in generate(model, [request], prompt_cache):
         if step[0] is not None:
             yield step[0]

@@ -20,11 +20,23 @@ DEFAULT_PORT = 8000
 # the moment a client reuses it, that request would fail with "Server disconnected without sending a response"
 # (uvicorn's own default is 5 s, the same as httpx's: a race). 75 s is nginx's default.
 DEFAULT_KEEP_ALIVE = 75
+DEFAULT_CACHE_MB = 1024  # the default model's KV is 46 KB a token: about 22,000 cached prompt tokens
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `camelid serve` (the CLI's sub-command uses this, then calls main(args))."""
-    parser.add_argument("model", nargs="?", default=None, help="model name in the store, or a path (default: the default model)")
+    parser.add_argument("model", nargs="*", default=[], metavar="MODEL",
+                        help="model name in the store, or a path (default: the default model); several as NAME=MODEL "
+                             "(a request's 'model' picks one, loaded on demand)")
+    parser.add_argument("--models-dir", default=None, metavar="DIR",
+                        help="offer every GGUF file and model folder in DIR, named by file stem or folder name")
+    parser.add_argument("--max-loaded", type=int, default=2, metavar="N",
+                        help="with several models: most loaded at once; the least recently used idle one is unloaded (default 2)")
+    parser.add_argument("--memory-mb", type=float, default=0, metavar="N",
+                        help="with several models: MiB of weights and KV slots all loaded models may take (default 0: no limit)")
+    parser.add_argument("--model-keep-alive", default="5m", metavar="DURATION",
+                        help="with several models: how long an idle model stays loaded (-1 forever, 0 unload at once; "
+                             "a request's keep_alive overrides it; default 5m)")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     parser.add_argument("--api-key", default=os.environ.get("CAMELID_API_KEY"),
@@ -53,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pooling", choices=("mean", "last", "cls"), default="mean",
                         help="how /v1/embeddings pools the final hidden states over a text's tokens when a request "
                              "does not say (default mean)")
+    parser.add_argument("--cache-mb", type=float, default=DEFAULT_CACHE_MB, metavar="N",
+                        help=f"MiB of prompt KV kept for reuse by later requests and turns (default {DEFAULT_CACHE_MB}; "
+                             "0 turns the prompt cache off). Reuse is exact: the output never changes")
 
 
 def parse_adapters(values: list[str] | None, model_id: str) -> dict[str, str]:
@@ -78,7 +93,7 @@ def parse_adapters(values: list[str] | None, model_id: str) -> dict[str, str]:
 def build_state(model: str | None = None, api_key: str | None = None, max_concurrency: int = 8, max_queue: int | None = None,
                 max_seq_len: int = 4096, max_tokens: int | None = None, max_body_bytes: int = 1 << 20,
                 model_id: str | None = None, quant: str | None = "auto", adapters: dict[str, str] | None = None,
-                pooling: str = "mean"):
+                pooling: str = "mean", cache_mb: float = DEFAULT_CACHE_MB, store=None):
     """Load the model and make the engine and server state (nothing is started).
 
     adapters: {name: LoRA adapter folder}, served over the one base; a request picks one by its `model`."""
@@ -93,6 +108,8 @@ def build_state(model: str | None = None, api_key: str | None = None, max_concur
 
     if max_concurrency < 1 or max_seq_len < 2:
         raise CamelidError("--max-concurrency must be >= 1 and --max-seq-len >= 2")
+    if cache_mb < 0:
+        raise CamelidError(f"--cache-mb must be >= 0, got {cache_mb:g}")
     path = resolve(model)
     ckpt = read(path)
     if model_id is None:
@@ -112,19 +129,102 @@ def build_state(model: str | None = None, api_key: str | None = None, max_concur
             except CamelidError as e:
                 raise CamelidError(f"adapter {name} ({adapters[name]}): {e}") from None
     from ..compiled import attach
+    from ..prompt_cache import BlockStore, PromptCache, mb_to_bytes
 
     attach(net, path, quant)  # the compiled decode step, when `camelid compile` has built one (not with adapters)
-    engine = Engine(net, ckpt.tokenizer, max_concurrency=max_concurrency, max_seq_len=max_seq_len, max_queue=max_queue)
+    store = store if store is not None else BlockStore(mb_to_bytes(cache_mb))
+    prompt_cache = PromptCache(store, f"{model_id}|{path}|{quant}")
+    engine = Engine(net, ckpt.tokenizer, max_concurrency=max_concurrency, max_seq_len=max_seq_len, max_queue=max_queue,
+                    prompt_cache=prompt_cache)
     limits = Limits(max_seq_len=engine.max_seq_len, max_tokens=min(max_tokens or engine.max_seq_len, engine.max_seq_len),
                     max_n=max_concurrency, max_body_bytes=max_body_bytes, vocab_size=ckpt.tokenizer.vocab_size)
-    return ServerState(engine, ckpt.tokenizer, model_id, limits, template_for(ckpt.tokenizer)[0], api_key,
+    template = template_for(ckpt.tokenizer)[0]
+    if store.enabled:
+        warn_reuse(model_id, template, ckpt.tokenizer)
+    return ServerState(engine, ckpt.tokenizer, model_id, limits, template, api_key,
                        adapters=tuple(loaded), pooling=pooling)
+
+
+def warn_reuse(model_id: str, template: str, tokenizer) -> None:
+    """One line on stderr when a model's chat template defeats the prompt cache between turns."""
+    from ..chat import prefix_reuse_problem
+
+    problem = prefix_reuse_problem(template, tokenizer)
+    if problem:
+        print(f"camelid: warning: {model_id}: its chat template limits prompt reuse between turns: {problem}",
+              file=sys.stderr)
+
+
+def parse_models(values: list[str], models_dir: str | None) -> dict[str, str] | None:
+    """The positional MODELs and --models-dir as {name: source}; None for the one-model server (zero or one bare MODEL)."""
+    from ..errors import CamelidError
+
+    if models_dir is None and len(values) <= 1 and not any(_named(v) for v in values):
+        return None
+    out: dict[str, str] = {}
+    for value in values:
+        if not _named(value):
+            raise CamelidError(f"{value!r}: with several models give each as NAME=MODEL")
+        name, _, source = value.partition("=")
+        if name.strip() in out:
+            raise CamelidError(f"the model name {name.strip()!r} is given twice")
+        out[name.strip()] = source.strip()
+    if models_dir is not None:
+        from .registry import models_in
+
+        if not os.path.isdir(models_dir):
+            raise CamelidError(f"--models-dir {models_dir}: not a folder")
+        found = models_in(models_dir)
+        if not found and not out:
+            raise CamelidError(f"--models-dir {models_dir}: no GGUF file or model folder in it")
+        for name, path in found.items():
+            out.setdefault(name, path)
+    return out
+
+
+def _named(value: str) -> bool:
+    name, sep, source = value.partition("=")
+    return bool(sep and name.strip() and source.strip() and "/" not in name and os.sep not in name)
+
+
+def build_registry(models: dict[str, str], max_loaded: int, memory_mb: float, keep_alive: str, **options):
+    """The first model's state (loaded) and the registry of all of them."""
+    from ..errors import CamelidError
+    from ..prompt_cache import BlockStore, mb_to_bytes
+    from .params import ApiError
+    from .registry import Registry, parse_keep_alive
+
+    if max_loaded < 1 or memory_mb < 0:
+        raise CamelidError("--max-loaded must be >= 1 and --memory-mb >= 0")
+    try:
+        default_keep = parse_keep_alive(keep_alive if not keep_alive.lstrip("-").replace(".", "").isdigit() else float(keep_alive))
+    except ApiError as e:
+        raise CamelidError(f"--model-keep-alive: {e.message}") from None
+    cache_mb = options.pop("cache_mb", DEFAULT_CACHE_MB)
+    if cache_mb < 0:
+        raise CamelidError(f"--cache-mb must be >= 0, got {cache_mb:g}")
+    store = BlockStore(mb_to_bytes(cache_mb))  # one prompt cache budget for every model (keys name the model)
+    adapters = options.pop("adapters", None)
+    first_name = next(iter(models))
+    first = build_state(models[first_name], model_id=first_name, store=store, adapters=adapters, **options)
+
+    def build(name: str, source: str):
+        state = build_state(source, model_id=name, store=store, **options)
+        state.metrics = first.metrics
+        return state
+
+    registry = Registry(models, build, max_loaded, mb_to_bytes(memory_mb), default_keep)
+    registry.add_loaded(first_name, first)
+    return first, registry
 
 
 def serve(model_path: str | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: str | None = None,
           max_concurrency: int = 8, cors_origins: list[str] | None = None, log_level: str = "info",
-          keep_alive: float = DEFAULT_KEEP_ALIVE, **options) -> None:
-    """Load a model and serve it until interrupted. options: max_queue, max_seq_len, max_tokens, max_body_bytes, model_id."""
+          keep_alive: float = DEFAULT_KEEP_ALIVE, models: dict[str, str] | None = None, max_loaded: int = 2,
+          memory_mb: float = 0, model_keep_alive: str = "5m", **options) -> None:
+    """Load a model and serve it until interrupted. options: max_queue, max_seq_len, max_tokens, max_body_bytes, model_id.
+
+    models: {name: source} for several models (the first loaded at start, the others on demand)."""
     import uvicorn
 
     from ..errors import CamelidError
@@ -132,11 +232,19 @@ def serve(model_path: str | None = None, host: str = DEFAULT_HOST, port: int = D
 
     if keep_alive <= 0:
         raise CamelidError(f"--keep-alive must be > 0 seconds, got {keep_alive:g}")
-    state = build_state(model_path, api_key=api_key, max_concurrency=max_concurrency, **options)
-    app = create_app(state, cors_origins)
+    registry = None
+    if models:
+        options.pop("model_id", None)
+        state, registry = build_registry(models, max_loaded, memory_mb, model_keep_alive, api_key=api_key,
+                                         max_concurrency=max_concurrency, **options)
+    else:
+        state = build_state(model_path, api_key=api_key, max_concurrency=max_concurrency, **options)
+    app = create_app(state, cors_origins, registry)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"camelid: warning: serving on {host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     extra = f" with adapters {', '.join(state.adapters)}" if state.adapters else ""
+    if registry is not None:
+        extra += f" (and on demand: {', '.join(n for n in registry.entries if n != state.model_id)})"
     print(f"camelid: serving {state.model_id}{extra} on http://{host}:{port} ({max_concurrency} slots x "
           f"{state.limits.max_seq_len} tokens)", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, timeout_keep_alive=keep_alive)
@@ -147,11 +255,15 @@ def main(args: argparse.Namespace) -> int:
     from ..errors import CamelidError
 
     try:
-        serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_concurrency=args.max_concurrency,
+        models = parse_models(args.model, args.models_dir)
+        serve(args.model[0] if args.model and not models else None, host=args.host, port=args.port, api_key=args.api_key,
+              max_concurrency=args.max_concurrency,
               cors_origins=args.cors_origin, log_level=args.log_level, max_queue=args.max_queue,
               max_seq_len=args.max_seq_len, max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes,
               model_id=args.model_id, quant=None if args.reference else args.quant, keep_alive=args.keep_alive,
-              adapters=parse_adapters(args.adapter, args.model_id or "") or None, pooling=args.pooling)
+              adapters=parse_adapters(args.adapter, args.model_id or "") or None, pooling=args.pooling,
+              cache_mb=args.cache_mb, models=models, max_loaded=args.max_loaded, memory_mb=args.memory_mb,
+              model_keep_alive=args.model_keep_alive)
     except CamelidError as e:
         print(f"camelid: error: {e}", file=sys.stderr)
         return 1

@@ -41,9 +41,10 @@ class ServerState:
     created: int = 0
     adapters: tuple[str, ...] = ()  # LoRA adapters over the base, chosen by a request's `model`
     pooling: str = "mean"  # /v1/embeddings' default pooling (camelid/embed.py)
+    metrics: Metrics | None = None  # several models share the server's
 
     def __post_init__(self) -> None:
-        self.metrics = Metrics(self.engine)
+        self.metrics = self.metrics or Metrics(self.engine)
         self.created = self.created or int(time.time())
 
 
@@ -72,6 +73,8 @@ class ApiKeyMiddleware:
 
 async def read_json(request: Request, limits: Limits) -> dict:
     """The request body as a JSON object; 413 past the size limit, 400 when it is not a JSON object."""
+    if isinstance(getattr(request.state, "body", None), dict):  # read already, to choose the model
+        return request.state.body
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
         raise ApiError(413, f"the request body is over {limits.max_body_bytes} bytes", None, "request_too_large")
@@ -179,7 +182,7 @@ class Generation:
             if sampling.seed is not None and i:
                 sampling = replace(sampling, seed=sampling.seed + i)
             seq = make_sequence(prompt, max_tokens, self._emitter(i), sampling=sampling, stop_ids=state.tokenizer.stop_ids,
-                                logprobs=params.logprobs, adapter=adapter, echo=params.echo,
+                                logprobs=params.logprobs, adapter=adapter, echo=params.echo, salt=params.cache_salt,
                                 constraint=JsonConstraint(params.schema) if params.schema is not None
                                 else tool_stage.constraint_for(tools))
             try:
@@ -251,7 +254,9 @@ class Generation:
 
     def usage(self) -> dict:
         done = sum(c.tokens for c in self.choices)
-        return {"prompt_tokens": len(self.prompt), "completion_tokens": done, "total_tokens": len(self.prompt) + done}
+        cached = max(0, self.choices[0].seq.cached) if self.choices else 0
+        return {"prompt_tokens": len(self.prompt), "completion_tokens": done, "total_tokens": len(self.prompt) + done,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def sse(data: dict | str) -> bytes:
@@ -352,7 +357,7 @@ def constrained_fits(state: ServerState, params: GenParams, max_tokens: int) -> 
 # --- endpoints ---
 
 async def chat_completions(request: Request) -> Response:
-    state: ServerState = request.app.state.camelid
+    state: ServerState = state_of(request)
     body = await read_json(request, state.limits)
     adapter = check_model(body, state)
     params = parse_common(body, state.limits, chat=True)
@@ -369,7 +374,7 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def completions(request: Request) -> Response:
-    state: ServerState = request.app.state.camelid
+    state: ServerState = state_of(request)
     body = await read_json(request, state.limits)
     adapter = check_model(body, state)
     params = parse_common(body, state.limits, chat=False)
@@ -387,8 +392,11 @@ async def completions(request: Request) -> Response:
     return await respond(request, state, Generation(state, ids, params, max_tokens, adapter), chat=False)
 
 
-def model_objects(state: ServerState) -> list[dict]:
-    """The model objects this server answers for: the base model, then its adapters."""
+def model_objects(state: ServerState, registry=None) -> list[dict]:
+    """The model objects this server answers for: the base model, then its adapters; with several models, each
+    with its status (loaded, loading, unloaded) and load count."""
+    if registry is not None:
+        return [{"object": "model", "created": state.created, "owned_by": "camelid", **m} for m in registry.listing()]
     base = {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "camelid",
             "max_model_len": state.limits.max_seq_len, "pooling": state.pooling,
             "embedding_dimensions": state.engine.model.config.dim}
@@ -397,14 +405,14 @@ def model_objects(state: ServerState) -> list[dict]:
 
 
 async def models(request: Request) -> Response:
-    return JSONResponse({"object": "list", "data": model_objects(request.app.state.camelid)})
+    return JSONResponse({"object": "list", "data": model_objects(request.app.state.camelid, request.app.state.registry)})
 
 
 async def model_info(request: Request) -> Response:
     """GET /v1/models/{id}: one model object, or a 404 with an OpenAI-style body."""
     state: ServerState = request.app.state.camelid
     wanted = request.path_params["model_id"]
-    for m in model_objects(state):
+    for m in model_objects(state, request.app.state.registry):
         if m["id"] == wanted:
             return JSONResponse(m)
     raise ApiError(404, f"the model {wanted!r} does not exist", "model", "model_not_found")
@@ -412,7 +420,7 @@ async def model_info(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     state: ServerState = request.app.state.camelid
-    if not state.engine.running:
+    if not state.engine.running and getattr(request.app.state, "registry", None) is None:
         return JSONResponse({"status": "unavailable"}, status_code=503)
     return JSONResponse({"status": "ok"})
 
@@ -423,7 +431,7 @@ async def metrics(request: Request) -> Response:
 
 
 async def tokenize(request: Request) -> Response:
-    state: ServerState = request.app.state.camelid
+    state: ServerState = state_of(request)
     body = await read_json(request, state.limits)
     tok = state.tokenizer
     if "messages" in body:
@@ -443,7 +451,7 @@ async def tokenize(request: Request) -> Response:
 
 
 async def detokenize(request: Request) -> Response:
-    state: ServerState = request.app.state.camelid
+    state: ServerState = state_of(request)
     body = await read_json(request, state.limits)
     ids = body.get("tokens")
     if not isinstance(ids, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
@@ -457,6 +465,39 @@ async def index(request: Request) -> Response:
     page = resources.files("camelid.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     return HTMLResponse(page, headers={"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
                                                                    "style-src 'unsafe-inline'"})
+
+
+# --- several models: a request leases the one it names ---
+
+def state_of(request: Request) -> ServerState:
+    """The model state a request runs on: the one its lease chose, else the server's only model."""
+    return getattr(request.state, "camelid", None) or request.app.state.camelid
+
+
+def leased(handler):
+    """Wrap an endpoint: with a registry, lease the body's `model` (loading it on demand, waiting while it loads) for
+    the whole response, streams included, and release it with the body's `keep_alive` when the response ends."""
+    from starlette.background import BackgroundTask
+
+    from .registry import parse_keep_alive
+
+    async def endpoint(request: Request) -> Response:
+        registry = getattr(request.app.state, "registry", None)
+        if registry is None:
+            return await handler(request)
+        body = await read_json(request, request.app.state.camelid.limits)
+        keep_alive = parse_keep_alive(body.get("keep_alive"))
+        entry = await registry.acquire(body.get("model"))
+        request.state.body, request.state.camelid = body, entry.state
+        try:
+            response = await handler(request)
+        except BaseException:
+            await registry.release(entry, keep_alive)
+            raise
+        response.background = BackgroundTask(registry.release, entry, keep_alive)
+        return response
+
+    return endpoint
 
 
 # --- errors as OpenAI-style bodies, never a traceback ---
@@ -497,22 +538,24 @@ def retrieval_routes() -> list[Route]:
     from .embeddings import embeddings
     from .rerank import rerank_endpoint as rerank
 
-    return [Route("/v1/embeddings", embeddings, methods=["POST"]),
-            *(Route(p, rerank, methods=["POST"]) for p in ("/v1/rerank", "/v2/rerank", "/rerank"))]
+    return [Route("/v1/embeddings", leased(embeddings), methods=["POST"]),
+            *(Route(p, leased(rerank), methods=["POST"]) for p in ("/v1/rerank", "/v2/rerank", "/rerank"))]
 
 
-def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Starlette:
-    """The ASGI app. The engine is started and stopped with the app's lifespan."""
+def create_app(state: ServerState, cors_origins: list[str] | None = None, registry=None) -> Starlette:
+    """The ASGI app. The engine is started and stopped with the app's lifespan.
+
+    registry (camelid/serve/registry.py): several models, `state` being the first (loaded) one."""
     routes = [
         Route("/", index),
         Route("/health", health),
         Route("/metrics", metrics),
         Route("/v1/models", models),
         Route("/v1/models/{model_id:path}", model_info),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/tokenize", tokenize, methods=["POST"]),
-        Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/v1/chat/completions", leased(chat_completions), methods=["POST"]),
+        Route("/v1/completions", leased(completions), methods=["POST"]),
+        Route("/tokenize", leased(tokenize), methods=["POST"]),
+        Route("/detokenize", leased(detokenize), methods=["POST"]),
         *retrieval_routes(),
     ]
     middleware = []
@@ -530,11 +573,23 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
     async def lifespan(app):
         if not state.engine.running:
             state.engine.start()
+        reaper = asyncio.create_task(_reap(registry)) if registry is not None else None
         yield
+        if reaper is not None:
+            reaper.cancel()
+            registry.stop_all()
         state.engine.stop()
 
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
                     exception_handlers={ApiError: api_error, HTTPException: http_error,
                                         Exception: server_error})
     app.state.camelid = state
+    app.state.registry = registry
     return app
+
+
+async def _reap(registry) -> None:
+    """Unload models whose keep-alive has run out, twice a second."""
+    while True:
+        await asyncio.sleep(0.5)
+        await registry.reap()

@@ -153,9 +153,9 @@ def encode(v: torch.Tensor, fmt: str) -> list[float] | str:
 
 
 async def embeddings(request: Request) -> Response:
-    from .app import check_model, read_json
+    from .app import check_model, read_json, state_of
 
-    state = request.app.state.camelid
+    state = state_of(request)  # the model the body names, with several models (app.leased)
     body = await read_json(request, state.limits)
     adapter = check_model(body, state)
     req = parse(body, state)

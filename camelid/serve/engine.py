@@ -3,12 +3,18 @@
 The engine runs in its own thread. Each step it
   1. drops cancelled sequences (their slot is free at once) and admits waiting ones into free slots,
   2. runs one forward over every decoding row (one new token each; idle rows get a harmless dummy),
-  3. prefills waiting prompts in fixed chunks of `prefill_chunk` tokens, one row at a time, so a long
-     prompt costs the running streams one chunk of delay per step instead of stalling them.
+  3. prefills waiting prompts chunk by chunk, one row at a time, so a long prompt costs the running
+     streams one chunk of delay per step instead of stalling them.
 Between steps it runs at most one job given to `call` (an embedding or rerank forward over the same weights), so
 such work interleaves with the running streams instead of racing them for the model.
-Chunk boundaries and sampling depend only on the sequence itself, never on its neighbours, so a
-greedy request gives the same tokens alone or beside others.
+Chunk boundaries (camelid/prompt_cache.py's schedule: `prefill_chunk` tokens, then small chunks for the
+tail) and sampling depend only on the sequence itself, never on its neighbours or on what is cached, so a
+greedy request gives the same tokens alone or beside others, with the prompt cache cold or warm.
+
+The prompt cache: a row's first prefill step copies in the longest cached chain of its prompt's chunks;
+every whole chunk it computes is kept. When a request ends, its reply's whole chunks are computed and kept
+too while the engine is idle (a "fill", preempted by any new request), so the next turn of a conversation
+prefills only its new tokens and the tail of the last chunk.
 
 Results go out through each sequence's `emit` callback (called on the engine thread): Token events,
 then exactly one Finish.
@@ -27,6 +33,7 @@ import torch
 
 from ..cache import KVCache
 from ..compiled import step_for
+from ..prompt_cache import BIG_CHUNK, SMALL_CHUNK, BlockStore, PromptCache
 from ..sampling import GREEDY, SamplingParams, apply_logit_bias, apply_penalties, filter_logits, sample
 from ..tokenizer import Tokenizer
 from .constrained import JsonConstraint
@@ -67,6 +74,8 @@ class Sequence_:
     adapter: str | None = None  # the LoRA adapter this sequence runs with (None: the base model)
     echo: bool = False  # score the prompt too: prompt_logprobs[i] is prompt token i+1's Token (logprobs, top)
     prompt_logprobs: list[Token] = field(default_factory=list)
+    salt: str | None = None  # cache_salt: reuse only blocks made under the same salt
+    background: bool = False  # a fill: prefill only, to keep a finished reply's chunks; never emits
     # engine state
     slot: int = -1
     pos: int = 0  # tokens of this row in the cache
@@ -74,18 +83,24 @@ class Sequence_:
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     generator: torch.Generator | None = None
+    cached: int = -1  # prompt tokens restored from the prompt cache (-1: not looked up yet)
+    chain: bytes = b""  # the prompt cache's chain key after the last chunk in the cache row
 
 
 class Engine:
     """The continuous-batching scheduler over one model. Thread-safe submit / cancel."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_concurrency: int = 8,
-                 max_seq_len: int | None = None, max_queue: int | None = None, prefill_chunk: int = 256) -> None:
+                 max_seq_len: int | None = None, max_queue: int | None = None, prefill_chunk: int = BIG_CHUNK,
+                 prompt_cache: PromptCache | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.slots = max_concurrency
         self.max_seq_len = min(max_seq_len or 4096, model.config.max_seq_len)
         self.max_queue = max_queue if max_queue is not None else 4 * max_concurrency
         self.prefill_chunk = prefill_chunk
+        # off (a store of 0 bytes) still prefills by the same schedule: the cache never changes the numbers
+        self.prompt_cache = prompt_cache or PromptCache(BlockStore(0), "", prefill_chunk, min(SMALL_CHUNK, prefill_chunk))
+        self._fills: deque[tuple[list[int], str | None, str | None]] = deque(maxlen=max_concurrency)
         self.device = model.device
         self.cache = KVCache.for_model(model, max_concurrency, self.max_seq_len)
         self.rows: list[Sequence_ | None] = [None] * max_concurrency
@@ -129,7 +144,7 @@ class Engine:
         with self.cond:
             if not self.running:
                 raise EngineStoppedError(self.error or "the engine is not running")
-            free = sum(r is None for r in self.rows)
+            free = sum(r is None or r.background for r in self.rows)
             if len(self.waiting) >= self.max_queue + free:  # waiting ones take free slots first
                 raise QueueFullError(f"{self.slots} sequences running and {len(self.waiting)} waiting")
             self.waiting.append(seq)
@@ -157,7 +172,7 @@ class Engine:
 
     @property
     def active(self) -> int:
-        return sum(r is not None for r in self.rows)
+        return sum(r is not None and not r.background for r in self.rows)
 
     @property
     def queued(self) -> int:
@@ -169,6 +184,9 @@ class Engine:
             with self.cond:
                 self._admit()
                 while self.running and not any(self.rows) and not self.waiting and not self.jobs:
+                    if self._fills:  # idle: keep the last replies' chunks for their next turn
+                        self._start_fill()
+                        break
                     self.cond.wait()
                     self._admit()
                 if not self.running:
@@ -217,6 +235,10 @@ class Engine:
         for s in [s for s in self.waiting if s.cancelled]:
             self.waiting.remove(s)
             s.emit(Finish("cancelled"))
+        if self.waiting:  # a fill runs only while nothing else wants the engine
+            for b, s in enumerate(self.rows):
+                if s is not None and s.background:
+                    self._finish(b, Finish("cancelled"))
         for b in range(self.slots):
             if self.rows[b] is None and self.waiting:
                 s = self.waiting.popleft()
@@ -230,7 +252,17 @@ class Engine:
         self.rows[b] = None
         if s is not None:
             s.slot = -1
+            if event.reason in ("stop", "length") and not s.background and self.prompt_cache.enabled:
+                tokens = s.prompt + s.generated
+                end = self.prompt_cache.reusable_end(len(tokens))
+                if end > self.prompt_cache.reusable_end(len(s.prompt)):
+                    self._fills.append((tokens[:end], s.adapter, s.salt))
             s.emit(event)
+
+    def _start_fill(self) -> None:
+        """Put the newest finished reply back into row 0 as a background prefill. Holds self.cond."""
+        tokens, adapter, salt = self._fills.pop()
+        self.rows[0] = Sequence_(tokens, 0, _ignore, adapter=adapter, salt=salt, background=True, slot=0)
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -267,8 +299,21 @@ class Engine:
             self._next_token(b, s, logits[b])
 
     def _prefill_chunk(self, b: int, s: Sequence_) -> None:
+        pc = self.prompt_cache
+        if s.cached < 0:  # the first step of this row: the cached chunks of its prompt, copied in
+            if s.echo:  # every prompt position's logits are wanted: nothing restored
+                s.cached, s.chain = 0, pc.root(s.adapter, s.salt)
+            else:
+                s.cached, s.chain = pc.restore(self.cache, b, s.prompt, s.adapter, s.salt,
+                                               compute_last=not s.background)
+            s.pos = s.cached
+            if not s.background:
+                pc.store.count(s.cached)
+            elif s.pos == len(s.prompt):  # a fill with nothing left to compute
+                self._finish(b, Finish("stop"))
+                return
         start = s.pos
-        end = min(start + self.prefill_chunk, len(s.prompt))
+        end = pc.next_chunk(start, len(s.prompt))
         tokens = torch.tensor([s.prompt[start:end]], dtype=torch.long, device=self.device)
         positions = torch.arange(start, end, device=self.device)[None]
         at = torch.tensor([end - start - 1], device=self.device)
@@ -280,9 +325,13 @@ class Engine:
             logits = every[-1]
         else:
             logits = self.model(tokens, positions, self.cache.view(b, b + 1), logits_at=at)[0, -1].float().cpu()
+        s.chain = pc.save(self.cache, b, s.prompt, start, end, s.chain)
         s.pos = end
         if end == len(s.prompt):
-            self._next_token(b, s, logits)
+            if s.background:
+                self._finish(b, Finish("stop"))
+            else:
+                self._next_token(b, s, logits)
 
     def _next_token(self, b: int, s: Sequence_, logits: torch.Tensor) -> None:
         """Sample row b's next token from its logits [V], emit it, and finish the row when due."""
@@ -396,6 +445,10 @@ class Engine:
             else:
                 raise RuntimeError(f"no token for byte {data[i]:#x}")
         return out
+
+
+def _ignore(event) -> None:
+    """A fill's emit: nobody listens."""
 
 
 def _adapter_selector(model: torch.nn.Module):

@@ -16,6 +16,11 @@ def _labels(labels: tuple[tuple[str, str], ...]) -> str:
     return "{" + inner + "}"
 
 
+def _num(value: float) -> str:
+    """A sample value: whole numbers exactly (a byte count in %g would lose digits)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 class Counter:
     def __init__(self, name: str, help: str) -> None:
         self.name, self.help = name, help
@@ -41,7 +46,14 @@ class Gauge:
         self.name, self.help, self.read = name, help, read
 
     def render(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge", f"{self.name} {self.read():g}"]
+        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge", f"{self.name} {_num(self.read())}"]
+
+
+class ReadCounter(Gauge):
+    """A counter kept elsewhere (read when scraped)."""
+
+    def render(self) -> list[str]:
+        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter", f"{self.name} {_num(self.read())}"]
 
 
 class Histogram:
@@ -83,6 +95,17 @@ class Metrics:
             Gauge("camelid_running_sequences", "sequences holding a slot", lambda: engine.active),
             Gauge("camelid_slots", "slots (the most sequences decoding at once)", lambda: engine.slots),
             Gauge("camelid_engine_steps", "scheduler steps run", lambda: engine.steps),
+        ]
+        store = engine.prompt_cache.store
+        self.gauges += [
+            ReadCounter("camelid_prompt_cache_hits_total", "requests that reused cached prompt chunks", lambda: store.hits),
+            ReadCounter("camelid_prompt_cache_misses_total", "requests that found no cached prompt chunk", lambda: store.misses),
+            ReadCounter("camelid_prompt_cache_hit_tokens_total", "prompt tokens restored from the cache", lambda: store.hit_tokens),
+            ReadCounter("camelid_prompt_cache_evictions_total", "cached chunks evicted (least recently used first)",
+                  lambda: store.evictions),
+            Gauge("camelid_prompt_cache_bytes", "bytes of KV held by the prompt cache", lambda: store.bytes),
+            Gauge("camelid_prompt_cache_blocks", "chunks held by the prompt cache", lambda: len(store)),
+            Gauge("camelid_prompt_cache_capacity_bytes", "the prompt cache's budget (--cache-mb)", lambda: store.capacity),
         ]
 
     def render(self) -> str:

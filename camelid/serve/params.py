@@ -50,6 +50,7 @@ class GenParams:
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the top k
     schema: Node | None = None
     echo: bool = False
+    cache_salt: str | None = None  # the prompt cache reuses only blocks made under the same salt
 
 
 def _number(body: dict, name: str, default: float | None, lo: float, hi: float, integer: bool = False) -> Any:
@@ -197,7 +198,16 @@ def parse_common(body: dict, limits: Limits, chat: bool) -> GenParams:
         logprobs=logprobs,
         schema=_response_format(body),
         echo=echo,
+        cache_salt=_cache_salt(body),
     )
+
+
+def _cache_salt(body: dict) -> str | None:
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt or len(salt) > 1024):
+        raise ApiError(400, "'cache_salt' must be a non-empty string of at most 1024 characters", "cache_salt",
+                       "invalid_value")
+    return salt
 
 
 def messages_of(body: dict) -> list[dict]:

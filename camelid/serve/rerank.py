@@ -97,9 +97,9 @@ async def rerank_scores(request: Request, state, query: str, docs: list[str], me
 
 
 async def rerank_endpoint(request: Request) -> Response:
-    from .app import check_model, read_json
+    from .app import check_model, read_json, state_of
 
-    state = request.app.state.camelid
+    state = state_of(request)  # the model the body names, with several models (app.leased)
     body = await read_json(request, state.limits)
     adapter = check_model(body, state)
     query = body.get("query")

@@ -1,0 +1,173 @@
+"""The prompt cache: the schedule, the block store's bounds and isolation, and exact reuse in the engine."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from camelid.cache import KVCache
+from camelid.prompt_cache import Block, BlockStore, PromptCache, next_chunk
+from camelid.sampling import GREEDY
+from camelid.serve.engine import Engine, Finish, make_sequence
+
+
+def test_schedule_is_a_function_of_positions_and_prefix_consistent():
+    for length in (1, 15, 16, 17, 255, 256, 257, 300, 513, 1000):
+        pos, spans = 0, []
+        while pos < length:
+            end = next_chunk(pos, length, 256, 16)
+            spans.append((pos, end))
+            pos = end
+        assert spans[-1][1] == length
+        for a, b in spans[:-1]:  # whole chunks, aligned
+            assert (b - a == 256 and a % 256 == 0) or (b - a == 16 and a % 16 == 0)
+        # every whole small chunk of a shorter prompt is the same chunk in a longer one unless a big chunk covers it
+        longer = length + 40
+        ends = set()
+        pos = 0
+        while pos < longer:
+            pos = next_chunk(pos, longer, 256, 16)
+            ends.add(pos)
+        for _, b in spans[:-1]:
+            assert b in ends or (b // 256) * 256 + 256 <= longer
+
+
+def test_store_evicts_least_recently_used_within_its_bytes():
+    block = lambda: Block(torch.zeros(1000, dtype=torch.float32), "m")  # noqa: E731  4000 bytes
+    store = BlockStore(10_000)
+    for key in (b"a", b"b"):
+        store.put(key, block())
+    store.get(b"a")  # a is now the most recent
+    store.put(b"c", block())
+    assert store.bytes <= store.capacity and set(store.blocks) == {b"a", b"c"} and store.evictions == 1
+    store.drop_owner("m")
+    assert store.bytes == 0 and len(store) == 0
+    off = BlockStore(0)
+    off.put(b"a", block())
+    assert not off.enabled and len(off) == 0
+
+
+def test_salt_adapter_and_model_keep_chains_apart():
+    store = BlockStore(1 << 30)
+    cache = KVCache.allocate(2, 1, 64, 1, 4)
+    pc = PromptCache(store, "model-a", 32, 8)
+    tokens = list(range(40))
+    cache.k[0][0, :, :32] = 1.0
+    key = pc.save(cache, 0, tokens, 0, 32, pc.root(None, "alice"))
+    assert store.get(key) is not None
+    fresh = KVCache.allocate(2, 1, 64, 1, 4)
+    assert pc.restore(fresh, 0, tokens, None, "bob")[0] == 0
+    assert pc.restore(fresh, 0, tokens, "adapter", "alice")[0] == 0
+    assert PromptCache(store, "model-b", 32, 8).restore(fresh, 0, tokens, None, "alice")[0] == 0
+    assert pc.restore(fresh, 0, tokens, None, "alice")[0] == 32 and bool((fresh.k[0][0, :, :32] == 1).all())
+    # the chunk holding the last token is computed, never restored
+    assert pc.restore(fresh, 0, tokens[:32], None, "alice")[0] == 0
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.finish: Finish | None = None
+        self.done = threading.Event()
+
+    def __call__(self, event) -> None:
+        if isinstance(event, Finish):
+            self.finish = event
+            self.done.set()
+        else:
+            self.ids.append(event.id)
+
+
+def run(engine, prompts, max_tokens, stop_ids, together=True, salt=None):
+    """Greedy outputs and the cached prompt tokens of each prompt."""
+    outs = []
+    for p in prompts:
+        c = Collector()
+        seq = make_sequence(p, max_tokens, c, stop_ids=stop_ids, salt=salt)
+        engine.submit(seq)
+        outs.append((c, seq))
+        if not together:
+            assert c.done.wait(300)
+    for c, _ in outs:
+        assert c.done.wait(300), "the engine did not finish"
+        assert c.finish.reason in ("stop", "length")
+    return [c.ids for c, _ in outs], [s.cached for _, s in outs]
+
+
+@pytest.fixture(scope="module")
+def fast(default_model_path):
+    import camelid
+
+    return camelid.load(default_model_path)  # the server's default path: quantized weights, bf16 products
+
+
+def questions(tok, n=16):
+    system = "You are a careful assistant for a bakery. " * 12  # ~100 tokens shared by every prompt
+    return [tok.encode(f"{system}Question {i}: what is {i} times {i + 3}? Answer:", bos=True) for i in range(n)]
+
+
+@pytest.mark.slow
+def test_greedy_is_byte_identical_cache_off_cold_warm_and_concurrent(fast):
+    tok = fast.tokenizer
+    prompts = questions(tok)
+    assert len(prompts[0]) > 64  # past a whole big chunk (64 here) and several small ones
+    off = Engine(fast.model, tok, max_concurrency=4, max_seq_len=512, prefill_chunk=64)
+    off.start()
+    try:
+        want, cached = run(off, prompts, 12, tok.stop_ids, together=False)
+    finally:
+        off.stop()
+    assert cached == [0] * len(prompts)
+    assert len({tuple(w) for w in want}) > 1  # the questions get different answers
+
+    store = BlockStore(256 << 20)
+    on = Engine(fast.model, tok, max_concurrency=4, max_seq_len=512, prefill_chunk=64,
+                prompt_cache=PromptCache(store, "default", 64, 16))
+    on.start()
+    try:
+        cold, cold_cached = run(on, prompts, 12, tok.stop_ids, together=False)  # the first is cold, the rest reuse
+        warm, warm_cached = run(on, prompts, 12, tok.stop_ids, together=False)
+        concurrent, conc_cached = run(on, prompts, 12, tok.stop_ids, together=True)
+        salted, salted_cached = run(on, prompts[:2], 12, tok.stop_ids, together=False, salt="other tenant")
+    finally:
+        on.stop()
+    assert cold == want and warm == want and concurrent == want and salted == want[:2]
+    assert cold_cached[0] == 0 and min(cold_cached[1:]) >= 64
+    assert min(warm_cached) >= 64 and min(conc_cached) >= 64
+    assert salted_cached[0] == 0 and salted_cached[1] >= 64  # the salt's own chain, never the others'
+    assert store.hits > 0 and store.misses >= 2 and store.bytes <= store.capacity
+
+
+@pytest.mark.slow
+def test_api_chat_turns_reuse_the_previous_turns_and_answer_the_same(fast, default_model_path):
+    import camelid
+
+    plain = camelid.load(default_model_path, cache_mb=0)
+    history = [{"role": "system", "content": "You are a terse assistant. " * 8}]
+    turns = ["Name a colour.", "Name a fruit of that colour.", "How many letters has it?"]
+    cached = []
+    for text in turns:
+        history.append({"role": "user", "content": text})
+        ids = fast.encode_chat(history)
+        got = fast.start(ids, max_tokens=10, sampling=GREEDY).run()
+        want = plain.start(ids, max_tokens=10, sampling=GREEDY).run()
+        assert got.token_ids == want.token_ids and want.cached_tokens == 0
+        cached.append((got.cached_tokens, len(ids)))
+        history.append({"role": "assistant", "content": got.text})
+    # every later turn restores all but the tail of the previous prompt (its last, partial, small chunk)
+    for (now, _), (_, before) in zip(cached[1:], cached[:-1]):
+        assert now >= before - 16 and now > 0
+
+
+def test_templates_that_defeat_reuse_are_named():
+    from camelid.chat import BUILTIN, prefix_reuse_problem
+
+    assert all(prefix_reuse_problem(t) is None for t in BUILTIN.values())
+    dated = "{{ 'Today is ' + strftime_now('%d %b') }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tools = "{% if tools %}TOOLS {% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    last_only = "{{ messages[-1]['content'] }}"
+    assert "date" in prefix_reuse_problem(dated)
+    assert "tool list" in prefix_reuse_problem(tools)
+    assert "earlier turns" in prefix_reuse_problem(last_only)
