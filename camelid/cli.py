@@ -83,7 +83,7 @@ def _add_adapter(p: argparse.ArgumentParser) -> None:
 def _add_runtime(p: argparse.ArgumentParser, fast: bool = True) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--quant", choices=("auto", "int8", "int4"), default="auto" if fast else None,
-                   help="weights at run time: auto keeps GGUF Q4_0/Q4_1/Q8_0 quantized (bf16 products); int8/int4 "
+                   help="weights at run time: auto keeps GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K as stored (bf16 products); int8/int4 "
                         f"quantize every linear layer at load (default {'auto' if fast else 'none: the float32 reference path'})")
     g.add_argument("--reference", action="store_true", help="the float32 reference path (every weight dequantized)")
 
