@@ -4,6 +4,9 @@ on the default model's K-quant copies, llama.cpp."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -121,7 +124,9 @@ def test_default_model_k_quant_copies_agree_with_llama_cpp(default_model_path, t
     by their products' rounding (bf16 here, 8-bit activations there); measured: mean |KL| ~0.003 nats, top-1 equal
     on ~98% of positions. Tolerance: KL(llama.cpp || camelid) under 0.02 nats mean, top-1 agreement over 90%."""
     llama_cpp = require_llama_cpp()
-    import bench_kquant
+    spec = importlib.util.spec_from_file_location("bench_kquant", Path(__file__).resolve().parents[1] / "bench" / "bench_kquant.py")
+    bench_kquant = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_kquant)
 
     f16 = bench_kquant.write_f16(default_model_path, tmp_path / "f16.gguf")
     text = "The quick brown fox jumps over the lazy dog. Camels store fat in their humps, not water. " * 3
