@@ -90,8 +90,14 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         else:
             k, v, mask = cache.update(self.layer, positions, k, v)  # [B,K,S,E], mask [B,1,T,S] or None: causal
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None,
-                                                 enable_gqa=True)
+            if cache.query_by_query and T > 1:  # one row (B=1): query t over slots 0..p_t, as decode computes it
+                out = torch.cat([F.scaled_dot_product_attention(
+                    q[:, t : t + 1].transpose(1, 2), k[:, :, : p + 1], v[:, :, : p + 1],
+                    attn_mask=torch.zeros(1, 1, 1, p + 1, dtype=k.dtype, device=k.device), enable_gqa=True)
+                    for t, p in enumerate(positions[0].tolist())], dim=2)
+            else:
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None,
+                                                     enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
