@@ -66,9 +66,70 @@ class LLM:
         """Like generate, as text pieces while they come."""
         return iter(self.start(self.encode_prompt(prompt), **options))
 
-    def chat(self, messages: chat_mod.Dialog | str, system: str | None = None, **options) -> str:
-        """The assistant's reply to a conversation (or to one user message given as a string)."""
-        return self.chat_start(messages, system, **options).run().text
+    def chat(self, messages: chat_mod.Dialog | str, system: str | None = None, tools: list[dict] | None = None,
+             tool_choice: str | dict = "auto", parallel_tool_calls: bool = True, **options) -> str | dict:
+        """The assistant's reply to a conversation (or to one user message given as a string).
+
+        With `tools` (OpenAI's form: {"type": "function", "function": {"name", "description", "parameters"}}),
+        the reply is the assistant message as a dict, {"role": "assistant", "content": str | None,
+        "tool_calls": [{"id", "type": "function", "function": {"name", "arguments": JSON text}}]}, ready to
+        append to `messages` (then the tool results as {"role": "tool", "tool_call_id", "content"}).
+        tool_choice: "auto" | "none" | "required" | {"type": "function", "function": {"name": ...}}; calls are
+        valid against each tool's `parameters` schema by construction. Options: max_tokens, sampling, stop.
+        """
+        if tools is None:
+            return self.chat_start(messages, system, **options).run().text
+        return self._chat_tools(messages, system, tools, tool_choice, parallel_tool_calls, **options)
+
+    def _chat_tools(self, messages, system, tools, tool_choice, parallel, max_tokens: int = 256,
+                    sampling: SamplingParams | None = None, stop: Sequence[str] = ()) -> dict:
+        import queue
+
+        from .errors import CamelidError
+        from .serve import tools as tool_stage
+        from .serve.engine import Engine, Finish, make_sequence
+        from .serve.params import ApiError
+
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        messages = list(messages)
+        if system is not None:
+            messages = [{"role": "system", "content": system}] + [m for m in messages if m.get("role") != "system"]
+        try:
+            req = tool_stage.parse_request({"tools": tools, "tool_choice": tool_choice,
+                                            "parallel_tool_calls": parallel}, self.chat_template)
+            messages, extra = tool_stage.prepare(chat_mod.validate(messages), self.chat_template, req)
+        except ApiError as e:
+            raise CamelidError(e.message) from None
+        ids = chat_mod.encode_chat(self.tokenizer, messages, self.chat_template, **extra)
+        check_fits(len(ids), self.config.max_seq_len)
+        max_tokens = min(max_tokens, self.config.max_seq_len - len(ids))
+        # the server's engine, one slot: it owns the constrained decoding that makes the calls valid
+        engine = Engine(self.model, self.tokenizer, max_concurrency=1, max_seq_len=len(ids) + max_tokens + 1)
+        events: queue.Queue = queue.Queue()
+        seq = make_sequence(ids, max_tokens, events.put, sampling=sampling or SamplingParams(),
+                            stop_ids=self.tokenizer.stop_ids, constraint=tool_stage.constraint_for(req))
+        text = TextStream(self.tokenizer, stop)
+        out = tool_stage.ChatOutput(req, tool_stage.marker_ids(self.tokenizer, req))
+        engine.start()
+        try:
+            engine.submit(seq)
+            while True:
+                event = events.get()
+                if isinstance(event, Finish):
+                    if event.reason == "error":
+                        raise CamelidError(f"generation failed: {event.message}")
+                    break
+                if event.id in self.tokenizer.stop_ids:
+                    continue
+                out.add(text.add(event.id), event.id)
+                if text.stopped:
+                    engine.cancel(seq)
+        finally:
+            engine.stop()
+        out.add(text.finish(), None)
+        out.finish()
+        return out.message()
 
     def chat_stream(self, messages: chat_mod.Dialog | str, system: str | None = None, **options) -> Iterator[str]:
         """Like chat, as text pieces while they come."""

@@ -21,8 +21,8 @@ class KVCache:
     """
 
     def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
-        self.k, self.v = k, v  # per layer [B,K,S,E]
-        self.max_len = k[0].shape[2]
+        self.k, self.v = k, v  # per layer [B,K,S,E] (S = the chunk size on Llama 4's chunked layers)
+        self.max_len = max(t.shape[2] for t in k)
         self._mask_for: tuple[torch.Tensor, int] | None = None  # (positions, span) of the cached mask
         self._mask: torch.Tensor | None = None
         # speculative verification (camelid/speculate.py, one row): several queries, each attended exactly as decode
@@ -39,7 +39,12 @@ class KVCache:
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch: int, max_len: int) -> KVCache:
         cfg = model.config
-        return cls.allocate(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, model.dtype, model.device)
+        cache = cls.allocate(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, model.dtype, model.device)
+        chunk = getattr(cfg, "attention_chunk_size", 0)
+        for i in getattr(cfg, "chunked_layers", ()):  # Llama 4: a chunked layer keeps at most one chunk
+            if chunk < max_len:
+                cache.k[i], cache.v[i] = cache.k[i][:, :, :chunk].clone(), cache.v[i][:, :, :chunk].clone()
+        return cache
 
     def view(self, start: int, stop: int) -> KVCache:
         """Rows start..stop-1 as a cache of their own (the same memory)."""
@@ -62,3 +67,37 @@ class KVCache:
             self._mask = None if first_chunk else attention_mask(positions, span, kc.dtype)
             self._mask_for = (positions, span)
         return kc[:, :, :span], vc[:, :, :span], self._mask
+
+
+def update_chunked(cache: KVCache, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   chunk: int):
+    """A chunked-attention layer's step (Llama 4): a query sees only the keys of its own `chunk`-long chunk, so
+    the layer keeps at most `chunk` slots; position p lives in slot p % chunk (rows are written contiguously
+    from position 0, as for every layer). Returns keys, values [B,K,S',E] and a boolean mask [B,1,T,S'].
+
+    One new token per row (decode) is written first and attends to slots 0 .. p % chunk. Several new tokens may
+    cross a chunk boundary and overwrite slots that earlier queries of the same call still need, so they attend
+    to the cached slots as they were plus the new keys, and only then is each slot's latest position written."""
+    from .model import chunk_visible
+
+    kc, vc = cache.k[layer], cache.v[layer]
+    B, T = positions.shape
+    S = kc.shape[2]
+    rows = torch.arange(B, device=k.device)[:, None]
+    slots = torch.arange(S, device=k.device)
+    if T == 1:
+        kc[rows, :, positions % S] = k.to(kc.dtype)
+        vc[rows, :, positions % S] = v.to(vc.dtype)
+        q = positions[:, :, None]  # [B,1,1]
+        stored = q - (q - slots) % S  # the position slot s holds: the latest one <= q with that residue
+        return kc, vc, chunk_visible(positions, stored[:, 0], chunk)
+    first = positions.min(dim=1, keepdim=True).values  # [B,1]
+    held = first - 1 - (first - 1 - slots) % S  # [B,S] positions the slots hold before this call (< 0: none)
+    keys = torch.cat([kc, k.transpose(1, 2).to(kc.dtype)], dim=2)
+    values = torch.cat([vc, v.transpose(1, 2).to(vc.dtype)], dim=2)
+    mask = chunk_visible(positions, torch.cat([held, positions], dim=1), chunk)
+    last = positions > positions.max(dim=1, keepdim=True).values - S  # only each slot's newest position
+    b, t = last.nonzero(as_tuple=True)
+    kc[b, :, positions[b, t] % S] = k[b, t].to(kc.dtype)
+    vc[b, :, positions[b, t] % S] = v[b, t].to(vc.dtype)
+    return keys, values, mask

@@ -1,4 +1,4 @@
-"""Chat prompts: the model's own jinja template (sandboxed), or a built-in llama-2 / llama-3 / chatml one.
+"""Chat prompts: the model's own jinja template (sandboxed), or a built-in llama-2 / llama-3 / llama-4 / chatml one.
 
 Encoding happens in token space where it matters: a special token's name typed inside a message is
 encoded as plain text, so user text can never open or close a turn.
@@ -6,6 +6,7 @@ encoded as plain text, so user text can never open or close a turn.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -45,7 +46,12 @@ LLAMA2 = (  # Meta's format: the system prompt folded into the first user turn
     "{{ bos_token + '[INST] ' + content | trim + ' [/INST]' }}"
     "{% else %}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{% endif %}{% endfor %}"
 )
-BUILTIN = {"chatml": CHATML, "llama-3": LLAMA3, "llama-2": LLAMA2}
+LLAMA4 = (  # Llama 4's turns: <|header_start|>role<|header_end|>\n\n content <|eot|>
+    "{{ bos_token }}{% for message in messages %}{{ '<|header_start|>' + message['role'] + '<|header_end|>\n\n'"
+    " + message['content'] + '<|eot|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|header_start|>assistant<|header_end|>\n\n' }}{% endif %}"
+)
+BUILTIN = {"chatml": CHATML, "llama-3": LLAMA3, "llama-4": LLAMA4, "llama-2": LLAMA2}
 
 
 class TemplateError(CamelidError, ValueError):
@@ -55,6 +61,8 @@ class TemplateError(CamelidError, ValueError):
 def builtin_for(tokenizer: Tokenizer) -> str:
     """The built-in format that fits a vocabulary without a template of its own."""
     names = {tokenizer.backend.id_to_token(i) for i in tokenizer.special_ids}
+    if "<|header_start|>" in names:
+        return "llama-4"
     if "<|start_header_id|>" in names:
         return "llama-3"
     if "<|im_start|>" in names:
@@ -82,6 +90,10 @@ def _compile(source: str):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    # as transformers renders it: keys in their order and no HTML escaping (jinja's own tojson does both),
+    # so a tool's schema reads the same to the model here as in the template authors' tests
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     try:
         return env.from_string(source)
     except TemplateSyntaxError as e:
@@ -128,8 +140,9 @@ _MARK = 0xF0000  # Unicode supplementary private use area: stands in for special
 
 
 def encode_chat(tokenizer: Tokenizer, messages: Dialog, template: str | None = None,
-                add_generation_prompt: bool = True) -> list[int]:
-    """Prompt ids for a conversation. Special-token names inside message text stay plain text."""
+                add_generation_prompt: bool = True, **extra) -> list[int]:
+    """Prompt ids for a conversation. Special-token names inside message text stay plain text.
+    `extra` are more template variables (`tools=[...]` for a template that renders tools)."""
     messages = validate(messages)
     source = template or template_for(tokenizer)[0]
     names = sorted({tokenizer.backend.id_to_token(i) for i in tokenizer.special_ids}, key=len, reverse=True)
@@ -143,7 +156,7 @@ def encode_chat(tokenizer: Tokenizer, messages: Dialog, template: str | None = N
         return text
 
     safe = [{**m, "content": protect(m["content"])} for m in messages]
-    text = render(source, safe, tokenizer, add_generation_prompt)
+    text = render(source, safe, tokenizer, add_generation_prompt, **extra)
     ids: list[int] = []
     if not literal:
         ids = tokenizer.encode(text, special=True)

@@ -326,6 +326,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def _info_rows(ckpt) -> list[tuple[str, str]]:
     from .chat import template_for
+    from .config import llama4_summary
 
     cfg = ckpt.config
     tok = ckpt.tokenizer
@@ -337,7 +338,7 @@ def _info_rows(ckpt) -> list[tuple[str, str]]:
         ("path", str(ckpt.path)),
         ("format", ckpt.format + (f" ({ckpt.info['format_reason']})" if ckpt.info.get("format_reason") else "")),
         ("name", str(ckpt.info.get("name") or "-")),
-        ("architecture", "llama"),
+        ("architecture", cfg.arch + (f" ({ckpt.info['architecture']})" if ckpt.info.get("architecture") else "")),
         ("parameters", f"{cfg.param_count() / 1e6:.1f} M"),
         ("quantization", str(ckpt.info.get("quantization") or "-")),
         ("tensor types", ", ".join(ckpt.info.get("tensor_types", [])) or "-"),
@@ -345,6 +346,8 @@ def _info_rows(ckpt) -> list[tuple[str, str]]:
         ("model dim", str(cfg.dim)),
         ("heads / kv heads", f"{cfg.n_heads} / {cfg.n_kv_heads} (head dim {cfg.head_dim})"),
         ("feed-forward dim", str(cfg.hidden_dim)),
+        *(llama4_summary(cfg) if cfg.arch == "llama4" else []),
+        *((("vision tower", str(ckpt.info["vision_tower"])),) if "vision_tower" in ckpt.info else ()),
         ("vocabulary", f"{cfg.vocab_size} ({'byte-level BPE' if tok.kind == 'bpe' else 'SentencePiece'})"),
         ("context length", str(cfg.max_seq_len)),
         ("rope", f"theta {cfg.rope_theta:g}{scaling}"),
@@ -494,6 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     _add_finetune(sub)
+    from .train import pretrain, tokenizer_train
+
+    tokenizer_train.add_parser(sub)
+    pretrain.add_parsers(sub)  # prepare, pretrain
 
     from .serve import add_arguments as serve_arguments  # flags only: the server's modules load on use
 
@@ -621,9 +628,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
     if at is None or at > 0 or argv[at] not in commands:
         return parser.parse_args(argv)  # --help, --version, a missing or unknown command: argparse says so
-    sub = commands[argv[at]]
-    args = sub.parse_intermixed_args(argv[at + 1 :])
-    args.command = argv[at]
+    sub, command = commands[argv[at]], argv[at]
+    inner = getattr(sub, "commands", None)  # a command with sub-commands (`camelid tokenizer train`): descend
+    rest = argv[at + 1 :]
+    if inner is not None and rest and rest[0] in inner:
+        sub, command, rest = inner[rest[0]], f"{command} {rest[0]}", rest[1:]
+    elif inner is not None:
+        return parser.parse_args(argv)  # its --help, or a missing or unknown sub-command: argparse says so
+    args = sub.parse_intermixed_args(rest)
+    args.command = command
     return args
 
 

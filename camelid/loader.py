@@ -20,7 +20,8 @@ from torch import nn
 from . import quant as Q
 from .errors import FormatError
 from .formats import Checkpoint, LazyTensor
-from .model import Transformer
+from .model import MoEFeedForward, Transformer
+from .quant_experts import quant_experts
 
 QUANT_MODES = ("auto", "int8", "int4")
 # GGUF types requantized under "auto": 6 and 8 bits to int8, fewer to int4
@@ -131,12 +132,21 @@ def _quantize_into(model: Transformer, ckpt: Checkpoint, mode: str, device, dtyp
             attn.wqkv, attn.wq, attn.wk, attn.wv = m, None, None, None
         if (m := fused([p + "attention.wo.weight"])) is not None:
             attn.wo = m
-        m = fused([p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"])
+        if isinstance(ffn, MoEFeedForward):  # Llama 4: the shared expert as a dense FFN, the routed ones lazily
+            names = [p + f"feed_forward.experts.w{j}" for j in (1, 2, 3)]
+            experts = quant_experts(*(ckpt.tensors[n] for n in names), mode, device)
+            if experts is not None:
+                ffn.experts = experts
+                taken.update(names)
+            p, ffn = p + "feed_forward.shared.", ffn.shared
+        else:
+            p += "feed_forward."
+        m = fused([p + "w1.weight", p + "w3.weight"])
         if isinstance(m, list):
             ffn.w1, ffn.w3 = m
         elif m is not None:
             ffn.w13, ffn.w1, ffn.w3 = m, None, None
-        if (m := fused([p + "feed_forward.w2.weight"])) is not None:
+        if (m := fused([p + "w2.weight"])) is not None:
             ffn.w2 = m
 
     emb = ckpt.tensors["tok_embeddings.weight"]

@@ -1,6 +1,8 @@
 """The LLaMA transformer, top to bottom: RMSNorm, RoPE, attention (GQA), SwiGLU, block, model.
 
-Covers Llama 1/2/3/3.1/3.2 and Llama-architecture models (SmolLM2, TinyLlama). The model knows no
+Covers Llama 1/2/3/3.1/3.2 and Llama-architecture models (SmolLM2, TinyLlama), and Llama 4's text model
+(routed top-k experts beside a shared expert, NoPE layers with attention temperature tuning, chunked
+attention, QK norm), each Llama 4 feature switched on by the config alone. The model knows no
 file format, tokenizer or device: it maps token ids and their positions to logits, reading and
 writing an optional KV cache. Q and K rows use the "rotate-half" RoPE layout (Hugging Face's);
 format readers convert other layouts once, in camelid/formats/layout.py.
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache
+from .cache import KVCache, update_chunked
 from .config import ModelConfig, RopeScaling
 
 
@@ -38,9 +40,9 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
         low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
         high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
         wavelen = 2 * math.pi / inv_freq
-        smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
-            scaling.high_freq_factor - scaling.low_freq_factor
-        )
+        # low_freq_factor == high_freq_factor (Llama 4 Scout): no medium band, so the smoothing is never used
+        span = (scaling.high_freq_factor - scaling.low_freq_factor) or 1.0
+        smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / span
         smoothed = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
         inv_freq = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
         is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
@@ -62,11 +64,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos + xf.roll(x.shape[-1] // 2, -1) * sin).to(x.dtype)
 
 
+def chunk_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Chunked causal attention [B,1,T,S] (boolean): key position k is visible to the query at position q when
+    k <= q and both lie in the same `chunk`-long chunk. q_pos [B,T], k_pos [B,S] (or [S])."""
+    if k_pos.dim() == 1:
+        k_pos = k_pos.expand(q_pos.shape[0], -1)
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    return ((k <= q) & (k >= 0) & (k // chunk == q // chunk))[:, None]
+
+
+def temperature_scale(positions: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
+    """Llama 4's attention temperature on NoPE layers, per position [B,T]: log1p(floor((p+1)/floor_scale))*s + 1."""
+    return torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        # Llama 4 options (all off for Llama): NoPE, QK norm (RoPE layers only), temperature (NoPE layers only),
+        # chunked attention
+        self.use_rope = layer not in cfg.nope_layers
+        self.qk_norm_eps = cfg.norm_eps if cfg.qk_norm and self.use_rope else None
+        self.temperature = (cfg.floor_scale, cfg.attn_scale) if cfg.attn_temperature_tuning and not self.use_rope else None
+        self.chunk = cfg.attention_chunk_size if layer in cfg.chunked_layers else 0
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -78,19 +100,28 @@ class Attention(nn.Module):
         H, K, E = self.n_heads, self.n_kv_heads, self.head_dim
         if self.wqkv is not None:  # one product, and Q and K rotated together
             qk, v = self.wqkv(x).split([(H + K) * E, K * E], dim=-1)
-            q, k = apply_rope(qk.view(B, T, H + K, E), cos, sin).split([H, K], dim=2)
+            q, k = self._position(qk.view(B, T, H + K, E), cos, sin).split([H, K], dim=2)
         else:
-            q = apply_rope(self.wq(x).view(B, T, H, E), cos, sin)
-            k = apply_rope(self.wk(x).view(B, T, K, E), cos, sin)
+            q = self._position(self.wq(x).view(B, T, H, E), cos, sin)
+            k = self._position(self.wk(x).view(B, T, K, E), cos, sin)
             v = self.wv(x)
         v = v.view(B, T, K, E)
+        if self.temperature is not None:
+            q = q * temperature_scale(positions, *self.temperature)[..., None, None].to(q.dtype)
 
         if cache is None:  # whole sequences: causal, or the given mask [B,1,T,T] (packed samples)
+            if self.chunk:
+                chunked = chunk_visible(positions, positions, self.chunk)
+                mask = chunked if mask is None else mask & chunked
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B,H|K,T,E]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         else:
-            k, v, mask = cache.update(self.layer, positions, k, v)  # [B,K,S,E], mask [B,1,T,S] or None: causal
-            if cache.query_by_query and T > 1:  # one row (B=1): query t over slots 0..p_t, as decode computes it
+            if self.chunk:  # Llama 4's chunked layers keep one chunk of slots
+                k, v, mask = update_chunked(cache, self.layer, positions, k, v, self.chunk)
+            else:
+                k, v, mask = cache.update(self.layer, positions, k, v)  # [B,K,S,E], mask [B,1,T,S] or None: causal
+            if cache.query_by_query and T > 1 and not self.chunk:  # speculative verification, one row (B=1):
+                # query t over slots 0..p_t, as decode computes it alone
                 out = torch.cat([F.scaled_dot_product_attention(
                     q[:, t : t + 1].transpose(1, 2), k[:, :, : p + 1], v[:, :, : p + 1],
                     attn_mask=torch.zeros(1, 1, 1, p + 1, dtype=k.dtype, device=k.device), enable_gqa=True)
@@ -100,15 +131,24 @@ class Attention(nn.Module):
                                                      enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
+    def _position(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on x [B,T,heads,E] (not on NoPE layers), then the weightless QK norm where the layer has it."""
+        if self.use_rope:
+            x = apply_rope(x, cos, sin)
+        if self.qk_norm_eps is not None:
+            x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.qk_norm_eps).to(x.dtype)
+        return x
+
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x). w1 is the gate, w3 the up, w2 the down projection."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, hidden_dim: int | None = None) -> None:
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        hidden_dim = hidden_dim or cfg.hidden_dim
+        self.w1 = nn.Linear(cfg.dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, cfg.dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, hidden_dim, bias=False)
         self.w13: nn.Module | None = None  # the fast path's fused [w1; w3]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,13 +158,61 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class Experts(nn.Module):
+    """The routed SwiGLU experts as stacked weights: w1, w3 [X,F,D] (gate, up) and w2 [X,D,F] (down).
+    The fast path swaps in camelid.quant.QuantExperts, which has the same forward."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        X, Fh, D = cfg.n_experts, cfg.expert_hidden_dim, cfg.dim
+        self.w1 = nn.Parameter(torch.empty(X, Fh, D))
+        self.w2 = nn.Parameter(torch.empty(X, D, Fh))
+        self.w3 = nn.Parameter(torch.empty(X, Fh, D))
+
+    def forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on its tokens x [N,D] -> [N,D]."""
+        return F.linear(F.silu(F.linear(x, self.w1[e])) * F.linear(x, self.w3[e]), self.w2[e])
+
+
+class MoEFeedForward(nn.Module):
+    """Llama 4's feed-forward: a shared expert on every token plus top-k routed experts. The router's top-k
+    logits pass through a sigmoid and the score multiplies the expert's *input*. Routing is a gather: each
+    expert runs only on the tokens routed to it."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = cfg.n_experts_used
+        self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.experts = Experts(cfg)
+        self.shared = FeedForward(cfg, cfg.expert_hidden_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N,D]
+        top, chosen = self.router(x).topk(self.top_k, dim=-1)  # [N,k]
+        scores = torch.sigmoid(top.float()).to(x.dtype).reshape(-1)
+        flat = chosen.reshape(-1)
+        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        token = order // self.top_k
+        routed_in = x[token] * scores[order, None]  # [N*k,D]
+        counts = torch.bincount(flat, minlength=self.router.out_features).tolist()
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                outs.append(self.experts(e, routed_in[start:start + n]))
+                start += n
+        out = self.shared(x)
+        out = out.index_add(0, token, torch.cat(outs).to(out.dtype))
+        return out.view(shape)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg, layer)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = MoEFeedForward(cfg) if layer in cfg.moe_layers else FeedForward(cfg)
 
     def forward(self, x, cos, sin, positions, cache, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, positions, cache, mask)
@@ -160,7 +248,10 @@ class Transformer(nn.Module):
         cfg = self.config
         device = self.device
         if device.type != "meta":  # on the meta device there is nothing to compute yet
-            self.inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+            inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+            if cfg.rope_factors:  # divisors as a file gives them (llama4 GGUF rope_freqs)
+                inv_freq = inv_freq / torch.tensor(cfg.rope_factors, dtype=torch.float32)
+            self.inv_freq = inv_freq.to(device)
 
     def forward(
         self,

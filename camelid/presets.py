@@ -69,7 +69,22 @@ def _tuned() -> dict[str, Preset]:
     return out
 
 
-PRESETS: dict[str, Preset] = {**_BASE, **_tuned()}
+_SMALL_SOURCE = ("camelid preset for training from scratch ({what}); Llama architecture; vocab_size is the "
+                 "tokenizer's at training time")
+
+
+def _small(dim: int, layers: int, heads: int, kv: int, ctx: int, what: str) -> Preset:
+    return Preset(_llama(dim, layers, heads, 32, 1e-5, ctx, kv=kv, vocab=4096, tied=True), _SMALL_SOURCE.format(what=what))
+
+
+# small models that train in minutes on a laptop CPU (sizes with a 4096-token vocabulary)
+SMALL: dict[str, Preset] = {
+    "tiny": _small(128, 4, 4, 4, 256, "about 1.3 M parameters, minutes on a laptop CPU"),
+    "small": _small(256, 6, 8, 4, 512, "about 5 M parameters"),
+    "medium": _small(512, 8, 8, 4, 1024, "about 25 M parameters"),
+}
+
+PRESETS: dict[str, Preset] = {**_BASE, **_tuned(), **SMALL}
 
 # bytes per parameter: float formats exactly; int8 / int4 as weight-only blocks of 32 with one fp16 scale
 # (GGUF's Q8_0 = 8.5 bits, Q4_0 = 4.5 bits per weight)
@@ -81,7 +96,7 @@ def get(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ModelNotFoundError(f"no preset named {name!r}; presets: {', '.join(_BASE)} (+ -chat / -instruct)") from None
+        raise ModelNotFoundError(f"no preset named {name!r}; presets: {', '.join([*SMALL, *_BASE])} (+ -chat / -instruct)") from None
 
 
 def memory(config: ModelConfig) -> dict[str, int]:

@@ -25,6 +25,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), as OpenAI's logit_bias
 
     def __post_init__(self) -> None:
         checks = [
@@ -36,6 +37,8 @@ class SamplingParams:
             (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
         ]
+        checks += [(isinstance(t, int) and -100 <= b <= 100, f"logit_bias values must be in [-100, 100], got {b}")
+                   for t, b in self.logit_bias]
         for ok, msg in checks:  # a NaN fails every comparison, so it is caught here too
             if not ok:
                 raise SamplingError(msg)
@@ -66,6 +69,14 @@ def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, generated: torch.T
     return logits
 
 
+def apply_logit_bias(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Add each biased token's bias to its logit (before temperature, as OpenAI does). logits [V]."""
+    if not p.logit_bias:
+        return logits
+    ids = torch.tensor([t for t, _ in p.logit_bias], dtype=torch.long)
+    return logits.index_add(-1, ids, torch.tensor([b for _, b in p.logit_bias], dtype=logits.dtype))
+
+
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p as -inf masks. logits [V] -> [V]."""
     logits = logits / p.temperature
@@ -90,6 +101,7 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
     empty = torch.empty(0, dtype=torch.long)
     logits = apply_penalties(logits.float(), seen if seen is not None else empty,
                              generated if generated is not None else empty, p)
+    logits = apply_logit_bias(logits, p)
     if p.greedy:
         return int(torch.argmax(logits))
     probs = filter_logits(logits, p).softmax(-1)

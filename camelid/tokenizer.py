@@ -18,7 +18,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 # names llama.cpp also treats as end of generation when a file does not list them
 END_OF_TURN_NAMES = (
-    "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "<|end|>",
+    "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|eot|>", "<|eom|>", "<|im_end|>", "<|endoftext|>", "<|end|>",
     "<end_of_turn>", "</s>", "<|end▁of▁sentence|>",
 )
 
@@ -26,6 +26,13 @@ GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Llama 4 (GGUF pre "llama4", llama.cpp's LLAMA_VOCAB_PRE_TYPE_GPT4O): the split regex of Llama 4's tokenizer.json,
+# as llama.cpp's llama-vocab.cpp quotes it ("original regex from tokenizer.json")
+LLAMA4_PATTERN = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
 
@@ -48,6 +55,11 @@ def byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     if pre in ("llama-bpe", "llama3", "llama-v3"):
         return pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    if pre in ("llama4", "gpt-4o"):
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA4_PATTERN), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
     if pre in ("smollm", "starcoder", "refact", "codeshell"):

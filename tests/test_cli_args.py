@@ -52,6 +52,14 @@ CASES = {
     "pull": (["pull", "N", "--force"], ["pull", "--force", "N"], ["pull", "--force", "N"]),
     "rm": (["rm", "N"], ["rm", "N"], ["rm", "N"]),
     "list": (["list", "--json"], ["list", "--json"], ["list", "--json"]),
+    "tokenizer": (["tokenizer", "train", "a.txt", "b/", "--vocab-size", "300", "--out", "t"],
+                  ["tokenizer", "train", "--vocab-size", "300", "--out", "t", "a.txt", "b/"],
+                  ["tokenizer", "train", "a.txt", "--vocab-size", "300", "b/", "--out", "t"]),
+    "prepare": (["prepare", "a.txt", "b/", "--tokenizer", "t", "--out", "d"], ["prepare", "--tokenizer", "t", "--out", "d",
+                "a.txt", "b/"], ["prepare", "a.txt", "--tokenizer", "t", "b/", "--out", "d"]),
+    "pretrain": (["pretrain", "--preset", "tiny", "--data", "d", "--out", "o", "--steps", "3", "--resume"],
+                 ["pretrain", "--resume", "--steps", "3", "--out", "o", "--data", "d", "--preset", "tiny"],
+                 ["pretrain", "--data", "d", "--resume", "--preset", "tiny", "--out", "o", "--steps", "3"]),
 }
 
 

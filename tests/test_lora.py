@@ -290,3 +290,36 @@ def test_adapter_made_by_camelid_gives_camelid_logits_in_peft(tmp_path, hf_folde
         plain = model(ids)[0]
     assert (got - plain).abs().max() > 0.1
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_stored_frozen_base_trains_exactly_as_autocast_casts_it(tmp_path):
+    """finetune stores the frozen block linears in bfloat16 when it trains under bf16 autocast: autocast casts a
+    float32 weight to the same bfloat16 values on every forward, so loss and LoRA gradients are bit-identical."""
+    from camelid.train.finetune import _frozen_linears_to_bf16
+
+    ckpt = _gguf(tmp_path, G.F32)
+    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def step(cast: bool):
+        model = build_model(ckpt, quant=None)
+        L.apply_lora(model, r=4, alpha=8, seed=0)
+        with torch.no_grad():  # a non-zero B, so gradients reach A too
+            for name, p in L.lora_parameters(model).items():
+                if name.endswith("lora_B"):
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.1)
+        if cast:
+            _frozen_linears_to_bf16(model)
+            kinds = {m.base.weight.dtype for m in model.modules() if isinstance(m, L.LoRALinear)}
+            assert kinds == {torch.bfloat16}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in L.lora_parameters(model).items()}
+
+    loss32, grads32 = step(False)
+    loss16, grads16 = step(True)
+    assert torch.equal(loss32, loss16)
+    assert grads32.keys() == grads16.keys()
+    for name in grads32:
+        assert torch.equal(grads32[name], grads16[name]), name

@@ -110,6 +110,11 @@ def write(ckpt: Checkpoint, out: str | os.PathLike, to: str, overwrite: bool = F
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} exists")
     if to in ("int8", "int4"):
+        if ckpt.config.arch != "llama":
+            from ..errors import UnsupportedModelError
+
+            raise UnsupportedModelError(f"{ckpt.config.arch} models are written as GGUF only (q8_0, q4_0, q4_1, f16), "
+                                        f"not as a camelid {to} folder")
         from .hf_write import write_quantized_folder
 
         return write_quantized_folder(ckpt, out, to, progress, overwrite)

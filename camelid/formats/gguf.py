@@ -33,6 +33,14 @@ NAMES = {
     "blk.{i}.ffn_gate.weight": "layers.{i}.feed_forward.w1.weight",
     "blk.{i}.ffn_down.weight": "layers.{i}.feed_forward.w2.weight",
     "blk.{i}.ffn_up.weight": "layers.{i}.feed_forward.w3.weight",
+    # llama4 mixture-of-experts layers
+    "blk.{i}.ffn_gate_inp.weight": "layers.{i}.feed_forward.router.weight",
+    "blk.{i}.ffn_gate_exps.weight": "layers.{i}.feed_forward.experts.w1",
+    "blk.{i}.ffn_down_exps.weight": "layers.{i}.feed_forward.experts.w2",
+    "blk.{i}.ffn_up_exps.weight": "layers.{i}.feed_forward.experts.w3",
+    "blk.{i}.ffn_gate_shexp.weight": "layers.{i}.feed_forward.shared.w1.weight",
+    "blk.{i}.ffn_down_shexp.weight": "layers.{i}.feed_forward.shared.w2.weight",
+    "blk.{i}.ffn_up_shexp.weight": "layers.{i}.feed_forward.shared.w3.weight",
 }
 _PATTERNS = [(re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), c) for g, c in NAMES.items()]
 IGNORED = {"rope_freqs.weight"}  # folded into the config's RoPE scaling
@@ -122,8 +130,12 @@ def _rope_scaling(reader, rope_freqs, head_dim: int, theta: float) -> RopeScalin
 
 def read_config(reader, n_vocab: int) -> ModelConfig:
     arch = _field(reader, "general.architecture")
+    if arch == "llama4":
+        from .gguf_llama4 import read_config as read_llama4
+
+        return read_llama4(reader, n_vocab)
     if arch != "llama":
-        raise UnsupportedModelError(f"{reader.path}: architecture {arch!r} is not supported (camelid runs 'llama')")
+        raise UnsupportedModelError(f"{reader.path}: architecture {arch!r} is not supported (camelid runs 'llama' and 'llama4')")
     n_heads = int(_require(reader, "llama.attention.head_count"))
     dim = int(_require(reader, "llama.embedding_length"))
     head_dim = int(_field(reader, "llama.attention.key_length", dim // n_heads))
@@ -218,6 +230,8 @@ def read(path: Path) -> Checkpoint:
         heads = config.n_heads if name.endswith("wq.weight") else config.n_kv_heads if name.endswith("wk.weight") else None
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         raw = _raw(t, heads) if t.tensor_type.name not in FLOAT_TYPES else None
+        if len(shape) == 3:  # llama4 experts [X,rows,K]: raw gives the blocks [X,rows,bytes] (a memory-map view)
+            raw = _raw(t, None) if raw is not None else None
         tensors[name] = LazyTensor(shape, t.tensor_type.name, _loader(t, heads), raw)
     file_type = _field(reader, "general.file_type")
     from gguf import LlamaFileType

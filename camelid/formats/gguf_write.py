@@ -50,6 +50,8 @@ def rope_factors(ckpt: Checkpoint) -> np.ndarray | None:
     from ..model import rope_frequencies
 
     cfg = ckpt.config
+    if cfg.rope_factors:
+        return np.asarray(cfg.rope_factors, dtype=np.float32)
     if cfg.rope_scaling is None:
         return None
     plain = rope_frequencies(cfg.head_dim, cfg.rope_theta, None).double()
@@ -74,8 +76,8 @@ def _plan(ckpt: Checkpoint, kind: str) -> list[tuple[str, str, tuple[int, ...], 
     plan = []
     for name in sorted(ckpt.tensors, key=key):
         shape = tuple(ckpt.tensors[name].shape)
-        if len(shape) == 1:
-            qtype = Q.F32
+        if len(shape) == 1 or name.endswith("feed_forward.router.weight"):
+            qtype = Q.F32  # norms, and the MoE router (llama.cpp never quantizes expert gating)
         elif shape[-1] % block:
             qtype = Q.F16
         elif name == output and target in (Q.Q4_0, Q.Q4_1):
@@ -121,7 +123,13 @@ def write_gguf(ckpt: Checkpoint, out: str | os.PathLike, kind: str,
     plan = _plan(ckpt, kind)
     factors = rope_factors(ckpt)
     tmp = out.with_name(out.name + ".part")
-    w = gguf.GGUFWriter(str(tmp), "llama")
+    if cfg.arch not in ("llama", "llama4"):
+        raise UnsupportedModelError(f"architecture {cfg.arch!r} cannot be written as GGUF")
+    if cfg.arch == "llama4":
+        from .gguf_llama4 import moe_step, write_keys
+
+        moe_step(cfg)  # refuses before any file is made
+    w = gguf.GGUFWriter(str(tmp), cfg.arch)
     try:
         w.add_name(str(ckpt.info.get("name") or ckpt.path.stem))
         w.add_block_count(cfg.n_layers)
@@ -137,6 +145,8 @@ def write_gguf(ckpt: Checkpoint, out: str | os.PathLike, kind: str,
             w.add_key_length(cfg.head_dim)
             w.add_value_length(cfg.head_dim)
         w.add_vocab_size(cfg.vocab_size)
+        if cfg.arch == "llama4":
+            write_keys(w, cfg)
         w.add_file_type(_file_type(kind))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for key, (value, vtype, sub_type) in vocab.items():
@@ -234,7 +244,7 @@ def _pad(tokens: list[str | None], types: list[int], n: int) -> None:
 
 def _pre_name(backend) -> str:
     """llama.cpp's `tokenizer.ggml.pre` name for a byte-level BPE pre-tokenizer camelid knows."""
-    from ..tokenizer import GPT2_PATTERN, LLAMA3_PATTERN
+    from ..tokenizer import GPT2_PATTERN, LLAMA3_PATTERN, LLAMA4_PATTERN
 
     spec = json.loads(backend.to_str()).get("pre_tokenizer") or {}
     parts = spec.get("pretokenizers", [spec]) if spec.get("type") == "Sequence" else [spec]
@@ -242,6 +252,8 @@ def _pre_name(backend) -> str:
     patterns = [(p.get("pattern") or {}).get("Regex") for p in parts if p.get("type") == "Split"]
     if kinds == ["Split", "ByteLevel"] and patterns == [LLAMA3_PATTERN]:
         return "llama-bpe"
+    if kinds == ["Split", "ByteLevel"] and patterns == [LLAMA4_PATTERN]:
+        return "llama4"
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
         return "smollm"
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):

@@ -244,8 +244,12 @@ def read_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
 
 
 def read(folder: Path) -> Checkpoint:
-    """Read a Hugging Face Llama folder."""
+    """Read a Hugging Face Llama (or Llama 4) folder."""
     raw_config = read_json(folder / "config.json")
+    from . import hf_llama4
+
+    if hf_llama4.is_llama4(raw_config):
+        return hf_llama4.read(folder, raw_config)
     config, style = read_config(raw_config, folder / "config.json")
     quant = _quantization(raw_config, folder / "config.json")
     tensors = read_tensors(folder, config.tie_embeddings, quantized=quant is not None)

@@ -109,7 +109,7 @@ def build_state(model: str | None = None, api_key: str | None = None, max_concur
                 raise CamelidError(f"adapter {name} ({adapters[name]}): {e}") from None
     engine = Engine(net, ckpt.tokenizer, max_concurrency=max_concurrency, max_seq_len=max_seq_len, max_queue=max_queue)
     limits = Limits(max_seq_len=engine.max_seq_len, max_tokens=min(max_tokens or engine.max_seq_len, engine.max_seq_len),
-                    max_n=max_concurrency, max_body_bytes=max_body_bytes)
+                    max_n=max_concurrency, max_body_bytes=max_body_bytes, vocab_size=ckpt.tokenizer.vocab_size)
     return ServerState(engine, ckpt.tokenizer, model_id, limits, template_for(ckpt.tokenizer)[0], api_key,
                        adapters=tuple(loaded))
 

@@ -20,10 +20,12 @@ from starlette.routing import Route
 from .. import chat as chat_mod
 from ..textstream import TextStream
 from ..tokenizer import Tokenizer
+from . import tools as tool_stage
 from .constrained import JsonConstraint
 from .engine import Engine, EngineStoppedError, Finish, QueueFullError, Token, make_sequence
 from .metrics import Metrics
 from .params import ApiError, GenParams, Limits, check_fits, messages_of, parse_common, prompt_of
+from .tools import ChatOutput, ToolRequest
 
 OPEN_PATHS = {"/health", "/"}  # no key needed: liveness, and the static chat page (it holds no data)
 
@@ -152,8 +154,8 @@ class Generation:
     """The n sequences of one request, submitted to the engine, read back as (choice, text, token) events."""
 
     def __init__(self, state: ServerState, prompt: list[int], params: GenParams, max_tokens: int,
-                 adapter: str | None = None) -> None:
-        self.state, self.prompt, self.params, self.adapter = state, prompt, params, adapter
+                 adapter: str | None = None, tools: ToolRequest | None = None) -> None:
+        self.state, self.prompt, self.params, self.adapter, self.tools = state, prompt, params, adapter, tools
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.start = time.perf_counter()
@@ -166,7 +168,8 @@ class Generation:
                 sampling = replace(sampling, seed=sampling.seed + i)
             seq = make_sequence(prompt, max_tokens, self._emitter(i), sampling=sampling, stop_ids=state.tokenizer.stop_ids,
                                 logprobs=params.logprobs, adapter=adapter,
-                                constraint=JsonConstraint(params.schema) if params.schema is not None else None)
+                                constraint=JsonConstraint(params.schema) if params.schema is not None
+                                else tool_stage.constraint_for(tools))
             try:
                 engine.submit(seq)
             except QueueFullError as e:
@@ -248,6 +251,8 @@ async def respond(request: Request, state: ServerState, gen: Generation, chat: b
     head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
             "model": gen.adapter or state.model_id}
     tok = state.tokenizer
+    markers = tool_stage.marker_ids(tok, gen.tools)
+    outputs = [ChatOutput(gen.tools, markers) for _ in gen.choices]  # each choice's message (content, tool calls)
     if gen.params.stream:
         async def stream():
             try:
@@ -260,9 +265,23 @@ async def respond(request: Request, state: ServerState, gen: Generation, chat: b
                     lp = None
                     if gen.params.logprobs is not None and token is not None and token.logprob is not None:
                         lp = chat_logprobs(tok, [token]) if chat else completion_logprobs(tok, [token], offsets[choice.index])
-                    if text or lp or choice.finish_reason:
-                        body = {"index": choice.index, "logprobs": lp, "finish_reason": choice.finish_reason}
-                        body.update({"delta": {"content": text} if text else {}} if chat else {"text": text})
+                    if chat:
+                        out = outputs[choice.index]
+                        if out.closed:
+                            continue
+                        delta = out.add(text, token.id if token is not None else None)
+                        held = out.finish() if choice.finish_reason else {}
+                        if delta and held:  # the last piece, then what was held back, with the finish reason
+                            yield sse({**head, "choices": [{"index": choice.index, "delta": delta, "logprobs": lp,
+                                                            "finish_reason": None}]})
+                            lp = None
+                        delta = held or delta
+                        if delta or lp or choice.finish_reason:
+                            reason = out.finish_reason(choice.finish_reason) if choice.finish_reason else None
+                            yield sse({**head, "choices": [{"index": choice.index, "delta": delta, "logprobs": lp,
+                                                            "finish_reason": reason}]})
+                    elif text or lp or choice.finish_reason:
+                        body = {"index": choice.index, "logprobs": lp, "finish_reason": choice.finish_reason, "text": text}
                         yield sse({**head, "choices": [body]})
                     offsets[choice.index] += len(text)
                 if gen.params.include_usage:
@@ -282,6 +301,8 @@ async def respond(request: Request, state: ServerState, gen: Generation, chat: b
     try:
         async for choice, text, token in gen.events(request):
             texts[choice.index].append(text)
+            if chat:
+                outputs[choice.index].add(text, token.id if token is not None else None)
             if token is not None:
                 tokens[choice.index].append(token)
     finally:
@@ -295,8 +316,11 @@ async def respond(request: Request, state: ServerState, gen: Generation, chat: b
         if gen.params.logprobs is not None:
             lp = chat_logprobs(tok, tokens[c.index]) if chat else completion_logprobs(tok, tokens[c.index], 0)
         if chat:
-            choices.append({"index": c.index, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                            "finish_reason": c.finish_reason})
+            out = outputs[c.index]
+            if not out.closed:
+                out.finish()
+            choices.append({"index": c.index, "message": out.message(), "logprobs": lp,
+                            "finish_reason": out.finish_reason(c.finish_reason)})
         else:
             choices.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
     head["object"] = "chat.completion" if chat else "text_completion"
@@ -316,14 +340,16 @@ async def chat_completions(request: Request) -> Response:
     body = await read_json(request, state.limits)
     adapter = check_model(body, state)
     params = parse_common(body, state.limits, chat=True)
-    messages = messages_of(body)
+    tools = tool_stage.parse_request(body, state.chat_template)
+    messages, extra = tool_stage.prepare(messages_of(body), state.chat_template, tools)
     try:
-        prompt = chat_mod.encode_chat(state.tokenizer, messages, state.chat_template)
+        prompt = chat_mod.encode_chat(state.tokenizer, messages, state.chat_template, **extra)
     except chat_mod.TemplateError as e:
         raise ApiError(400, str(e), "messages", "invalid_value") from None
     max_tokens = check_fits(len(prompt), params.max_tokens, state.limits, "messages")
     constrained_fits(state, params, max_tokens)
-    return await respond(request, state, Generation(state, prompt, params, max_tokens, adapter), chat=True)
+    tool_stage.check_fits(tools, params, max_tokens, state.engine.tokens_for)
+    return await respond(request, state, Generation(state, prompt, params, max_tokens, adapter, tools), chat=True)
 
 
 async def completions(request: Request) -> Response:
@@ -343,12 +369,26 @@ async def completions(request: Request) -> Response:
     return await respond(request, state, Generation(state, ids, params, max_tokens, adapter), chat=False)
 
 
-async def models(request: Request) -> Response:
-    state: ServerState = request.app.state.camelid
+def model_objects(state: ServerState) -> list[dict]:
+    """The model objects this server answers for: the base model, then its adapters."""
     base = {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "camelid",
             "max_model_len": state.limits.max_seq_len}
     adapters = [{**base, "id": name, "parent": state.model_id} for name in state.adapters]  # as vLLM lists LoRAs
-    return JSONResponse({"object": "list", "data": [base, *adapters]})
+    return [base, *adapters]
+
+
+async def models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": model_objects(request.app.state.camelid)})
+
+
+async def model_info(request: Request) -> Response:
+    """GET /v1/models/{id}: one model object, or a 404 with an OpenAI-style body."""
+    state: ServerState = request.app.state.camelid
+    wanted = request.path_params["model_id"]
+    for m in model_objects(state):
+        if m["id"] == wanted:
+            return JSONResponse(m)
+    raise ApiError(404, f"the model {wanted!r} does not exist", "model", "model_not_found")
 
 
 async def health(request: Request) -> Response:
@@ -441,6 +481,7 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None) -> Sta
         Route("/health", health),
         Route("/metrics", metrics),
         Route("/v1/models", models),
+        Route("/v1/models/{model_id:path}", model_info),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/tokenize", tokenize, methods=["POST"]),

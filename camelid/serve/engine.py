@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import KVCache
-from ..sampling import GREEDY, SamplingParams, apply_penalties, filter_logits, sample
+from ..sampling import GREEDY, SamplingParams, apply_logit_bias, apply_penalties, filter_logits, sample
 from ..tokenizer import Tokenizer
 from .constrained import JsonConstraint
 
@@ -275,7 +275,7 @@ class Engine:
         if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             seen = torch.cat([torch.tensor(s.prompt, dtype=torch.long), out])
             logits = apply_penalties(logits, seen, out, p)
-        return logits, out
+        return apply_logit_bias(logits, p), out
 
     def _sample(self, s: Sequence_, logits: torch.Tensor) -> int:
         p = s.sampling
@@ -289,7 +289,7 @@ class Engine:
         c = s.constraint
         if tok in s.stop_ids:
             return c.can_end()
-        if tok in self.tokenizer.special_ids:
+        if tok in self.tokenizer.special_ids and not getattr(c, "free", False):  # a lazy grammar between its parts
             return False
         out = c.try_bytes(self.tokenizer.token_bytes[tok])
         if out is None:

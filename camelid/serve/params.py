@@ -34,6 +34,7 @@ class Limits:
     max_body_bytes: int = 1 << 20
     max_stop: int = 4
     max_top_logprobs: int = 20
+    vocab_size: int | None = None  # token ids in logit_bias are checked against it
 
 
 @dataclass
@@ -109,8 +110,53 @@ def _response_format(body: dict) -> Node | None:
                    "response_format", "invalid_value")
 
 
+def _logit_bias(body: dict, limits: Limits) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias in [-100, 100]} as sorted (id, bias) pairs."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict):
+        raise ApiError(400, "'logit_bias' must be an object of token id -> bias", "logit_bias", "invalid_type")
+    out = []
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.strip().isdigit()):
+            raise ApiError(400, f"'logit_bias' keys must be token ids, got {key!r}", "logit_bias", "invalid_value")
+        tok = int(key)
+        if limits.vocab_size is not None and tok >= limits.vocab_size:
+            raise ApiError(400, f"'logit_bias' token id {tok} is not in [0, {limits.vocab_size})", "logit_bias",
+                           "invalid_value")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise ApiError(400, f"'logit_bias' values must be numbers in [-100, 100], got {value!r}", "logit_bias",
+                           "invalid_value")
+        out.append((tok, float(value)))
+    return tuple(sorted(out))
+
+
+# Fields that would change the output but that this server does not do: refused by name rather than ignored.
+# (Fields that only label a request, such as user, metadata, store or service_tier, are ignored.)
+UNSUPPORTED = {
+    "chat": ("audio", "prediction", "web_search_options", "reasoning_effort", "verbosity"),
+    "completion": ("suffix", "tools", "tool_choice", "functions", "function_call", "response_format"),
+}
+
+
+def refuse_unsupported(body: dict, chat: bool) -> None:
+    """A 400 naming the first field that changes the output and is not supported here."""
+    for name in UNSUPPORTED["chat" if chat else "completion"]:
+        if body.get(name) not in (None, "", [], {}):
+            raise ApiError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
+    modalities = body.get("modalities")
+    if chat and modalities is not None and modalities != ["text"]:
+        raise ApiError(400, "'modalities' other than [\"text\"] are not supported by this server", "modalities",
+                       "unsupported_parameter")
+    best_of = body.get("best_of")
+    if not chat and best_of not in (None, 1) and best_of != body.get("n", 1):
+        raise ApiError(400, "'best_of' is not supported by this server (use n)", "best_of", "unsupported_parameter")
+
+
 def parse_common(body: dict, limits: Limits, chat: bool) -> GenParams:
     """The sampling and output options shared by /v1/chat/completions and /v1/completions."""
+    refuse_unsupported(body, chat)
     max_tokens = _number(body, "max_completion_tokens", None, 1, limits.max_tokens, integer=True) if chat else None
     if max_tokens is None:
         max_tokens = _number(body, "max_tokens", None, 1, limits.max_tokens, integer=True)
@@ -125,6 +171,7 @@ def parse_common(body: dict, limits: Limits, chat: bool) -> GenParams:
             presence_penalty=_number(body, "presence_penalty", 0.0, -2, 2),
             frequency_penalty=_number(body, "frequency_penalty", 0.0, -2, 2),
             seed=_number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True),
+            logit_bias=_logit_bias(body, limits),
         )
     except SamplingError as e:
         raise ApiError(400, str(e), None, "invalid_value") from None

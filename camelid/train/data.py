@@ -453,8 +453,7 @@ class Batches:
         for s in self.samples:
             digest = zlib.crc32(array("q", s.ids).tobytes() + bytes(s.trained), digest)
         self._fingerprint = {"samples": len(self.samples), "tokens": tokens, "crc32": digest, "seq_len": seq_len,
-                             "rows_per_batch": self.rows_per_batch, "pack": pack, "shuffle": shuffle, "seed": seed,
-                             "world": world}
+                             "rows_per_batch": self.rows_per_batch, "pack": pack, "shuffle": shuffle, "seed": seed}
 
     def _pack(self) -> list[list[int]]:
         """Rows of sample indices, next-fit in a seeded order: a sample that does not fit starts a new row."""
@@ -521,11 +520,20 @@ class Batches:
         return self.epoch + self._step / self.steps_per_epoch
 
     def state_dict(self) -> dict:
-        """Where the stream is: load it into a Batches over the same samples to get the same next batch."""
-        return {"epoch": self.epoch, "step": self._step, "data": dict(self._fingerprint)}
+        """Where the stream is, as a GLOBAL quantity (micro-batches of the epoch taken by all ranks together), so
+        that a checkpoint resumes on another process count: load it into a Batches over the same samples, with any
+        world that divides `micro`, to get the same next global batch (interop-facts.md: per-rank state does not
+        reshard). Within an epoch the order of micro-batches does not depend on the world; at an epoch's end the
+        wrap-around that evens out the ranks does."""
+        return {"epoch": self.epoch, "micro": self._step * self.world, "data": dict(self._fingerprint)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("data") != self._fingerprint:
+        data = {k: v for k, v in (state.get("data") or {}).items() if k != "world"}  # older checkpoints had it
+        if data != self._fingerprint:
             raise DataError(f"the checkpoint's data state was made for other data or batching "
                             f"({state.get('data')} != {self._fingerprint})")
-        self.epoch, self._step = int(state["epoch"]), int(state["step"])
+        micro = int(state["micro"]) if "micro" in state else int(state["step"]) * int(state["data"].get("world", 1))
+        if micro % self.world:
+            raise DataError(f"the checkpoint stopped after {micro} micro-batches of its epoch, which {self.world} "
+                            "processes cannot share evenly: resume with a process count that divides it")
+        self.epoch, self._step = int(state["epoch"]), micro // self.world

@@ -144,6 +144,8 @@ def finetune(model: str | os.PathLike | None = None, data: str | os.PathLike = "
     trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
 
     r, world = _rank_world()
+    if method == "lora" and world == 1 and loop.resolve_precision(precision, torch.device("cpu")) == "bf16":
+        _frozen_linears_to_bf16(net)
     batch_opts = dict(seq_len=seq_len, batch_size=batch_size, batch_tokens=batch_tokens if batch_size is None else None,
                       pack=pack)
     if batch_size is None and batch_tokens is None:
@@ -188,3 +190,21 @@ def finetune(model: str | os.PathLike | None = None, data: str | os.PathLike = "
         raise CamelidError(str(e)) from None
     return FinetuneResult(out=out, method=method, steps=result.steps, final_loss=result.loss, final_val_loss=result.val_loss,
                           trainable_parameters=sum(p.numel() for p in trainable.values()), data=asdict(report))
+
+
+def _frozen_linears_to_bf16(net: torch.nn.Module) -> None:
+    """Store the frozen float weights of the LoRA-wrapped linears in bfloat16.
+
+    Under bf16 autocast every forward casts each float32 weight to bfloat16 (and keeps the copy for the backward);
+    casting once here gives the same values, so the arithmetic is unchanged, but the step skips 0.1 G parameter
+    casts and the weights take half the memory. The tied embedding/output matrix and the norms stay float32 (the
+    residual stream stays float32, as with plain autocast). One process only: FSDP2 shards blocks whose
+    parameters share one dtype.
+    """
+    from .lora import LoRALinear
+
+    for m in net.modules():
+        if isinstance(m, LoRALinear) and isinstance(m.base, torch.nn.Linear) and m.base.weight.dtype == torch.float32:
+            m.base.weight.data = m.base.weight.data.to(torch.bfloat16)
+            if m.base.bias is not None:
+                m.base.bias.data = m.base.bias.data.to(torch.bfloat16)
