@@ -95,7 +95,8 @@ def tensor_types(path: Path) -> str:
 def decode_tok_s(engine: str, path: Path, threads: int, tg: int, repeats: int) -> float:
     from camelid import bench
 
-    runs = [bench._run_worker(["worker", engine, str(path), str(threads), "16", str(tg), "1", "auto"]) for _ in range(repeats)]
+    pp = str(tg + 8)  # the llama.cpp worker keeps n_batch = pp rows of scores: more than the decoded tokens
+    runs = [bench._run_worker(["worker", engine, str(path), str(threads), pp, str(tg), "1", "auto"]) for _ in range(repeats)]
     return statistics.median(r["decode_tok_s"] for r in runs)
 
 
