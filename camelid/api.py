@@ -58,11 +58,12 @@ class LLM:
 
     # --- generation ---
     def start(self, prompt_ids: Sequence[int], max_tokens: int = 256, sampling: SamplingParams | None = None,
-              stop: Sequence[str] = ()) -> TextGeneration:
-        """A generation from prompt ids: iterate it for text pieces; `.completion` is set at the end."""
+              stop: Sequence[str] = (), speculate=None) -> TextGeneration:
+        """A generation from prompt ids: iterate it for text pieces; `.completion` is set at the end.
+        speculate: a drafter from camelid.speculate.make_drafter (the same output, fewer model forwards)."""
         check_fits(len(prompt_ids), self.config.max_seq_len)
         request = Request(list(prompt_ids), max_tokens, sampling or SamplingParams(), self.tokenizer.stop_ids)
-        return TextGeneration(self.model, self.tokenizer, request, stop, self.prompt_cache)
+        return TextGeneration(self.model, self.tokenizer, request, stop, self.prompt_cache, speculate)
 
     def complete(self, prompt: str, **options) -> Completion:
         """Plain completion of `prompt` (no chat template), with token counts and finish reason."""
@@ -222,16 +223,22 @@ class TextGeneration:
     """One request's text as it is generated. Iterate for pieces; then `.completion` holds the result."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, request: Request, stop: Sequence[str],
-                 prompt_cache: PromptCache | None = None) -> None:
+                 prompt_cache: PromptCache | None = None, speculate=None) -> None:
         self.model, self.tokenizer, self.request, self.stop = model, tokenizer, request, stop
-        self.prompt_cache = prompt_cache
+        self.prompt_cache, self.speculate = prompt_cache, speculate
         self.completion: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:
         text = TextStream(self.tokenizer, self.stop)
         ids: list[int] = []
         reason = "length"
-        for tok in generate_one(self.model, self.request, self.prompt_cache):
+        if self.speculate is not None:
+            from .speculate import generate_speculative
+
+            tokens = generate_speculative(self.model, self.request, self.speculate)
+        else:
+            tokens = generate_one(self.model, self.request, self.prompt_cache)
+        for tok in tokens:
             ids.append(tok)
             if tok in self.request.stop_ids:
                 reason = "stop"

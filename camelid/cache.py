@@ -25,6 +25,9 @@ class KVCache:
         self.max_len = max(t.shape[2] for t in k)
         self._mask_for: tuple[torch.Tensor, int] | None = None  # (positions, span) of the cached mask
         self._mask: torch.Tensor | None = None
+        # speculative verification (camelid/speculate.py, one row): several queries, each attended exactly as decode
+        # attends one query alone, so their logits are bit-equal to plain decoding's
+        self.query_by_query = False
 
     @classmethod
     def allocate(cls, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,

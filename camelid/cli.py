@@ -70,6 +70,21 @@ def _load(model: str | None, args: argparse.Namespace, sampling: bool = True):
     return load(path, quant=_quant(args), adapter=getattr(args, "adapter", None)), params
 
 
+def _drafter(args: argparse.Namespace, llm):
+    """--speculate ngram | MODEL: the drafter (a draft model loaded like the model), or None."""
+    from .api import load
+    from .speculate import make_drafter
+    from .store import resolve
+
+    return make_drafter(getattr(args, "speculate", None), llm.model, lambda spec: load(resolve(spec), quant=_quant(args)).model)
+
+
+def _add_speculate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculate", default=None, metavar="ngram|MODEL",
+                   help="speculative decoding: 'ngram' (prompt lookup; pays off where the answer copies the input) or a "
+                        "smaller model sharing the vocabulary (store name or path) as the draft; the same output")
+
+
 def _quant(args: argparse.Namespace) -> str | None:
     """--reference: the float32 reference path; --quant MODE otherwise (default auto: the fast path)."""
     return None if getattr(args, "reference", False) else getattr(args, "quant", "auto")
@@ -83,7 +98,7 @@ def _add_adapter(p: argparse.ArgumentParser) -> None:
 def _add_runtime(p: argparse.ArgumentParser, fast: bool = True) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--quant", choices=("auto", "int8", "int4"), default="auto" if fast else None,
-                   help="weights at run time: auto keeps GGUF Q4_0/Q4_1/Q8_0 quantized (bf16 products); int8/int4 "
+                   help="weights at run time: auto keeps GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K as stored (bf16 products); int8/int4 "
                         f"quantize every linear layer at load (default {'auto' if fast else 'none: the float32 reference path'})")
     g.add_argument("--reference", action="store_true", help="the float32 reference path (every weight dequantized)")
 
@@ -130,7 +145,7 @@ def cmd_rm(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> None:
     model, prompt = _model_and(args.args, "PROMPT")
     llm, sampling = _load(_resolve_positional(model, prompt, "PROMPT"), args)
-    options = dict(max_tokens=args.max_tokens, sampling=sampling, stop=args.stop or ())
+    options = dict(max_tokens=args.max_tokens, sampling=sampling, stop=args.stop or (), speculate=_drafter(args, llm))
     if args.raw:
         generation = llm.start(llm.encode_prompt(prompt), **options)
     else:
@@ -144,6 +159,7 @@ CHAT_HELP = "commands: /system TEXT (set the system prompt and reset), /reset, /
 
 def cmd_chat(args: argparse.Namespace) -> None:
     llm, sampling = _load(args.model, args)
+    drafter = _drafter(args, llm)
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -179,7 +195,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
             continue
         history.append({"role": "user", "content": line})
         try:
-            generation = llm.start(llm.encode_chat(history, system), max_tokens=args.max_tokens, sampling=sampling)
+            generation = llm.start(llm.encode_chat(history, system), max_tokens=args.max_tokens, sampling=sampling,
+                                   speculate=drafter)
         except CamelidError as e:
             history.pop()
             print(f"camelid: error: {e} (use /reset to start over)", file=sys.stderr)
@@ -431,12 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
     _add_adapter(p)
     _add_sampling(p)
+    _add_speculate(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("chat", help="interactive chat with history")
     p.add_argument("model", nargs="?", default=None, help=model_help)
     _add_adapter(p)
     _add_sampling(p)
+    _add_speculate(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("tokenize", help="print token ids as a JSON list")

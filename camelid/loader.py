@@ -4,10 +4,11 @@ Two ways to build:
 - the reference path (quant=None): every tensor dequantized to float in `dtype` (float32 by default), the model
   exactly as written in camelid/model.py; the fixtures are checked against it.
 - the fast path (quant="auto" | "int8" | "int4"): linear layers kept quantized (camelid/quant.py) with fused
-  Q/K/V and gate/up projections, the products in bfloat16 (activations between them float32). "auto" keeps
-  each GGUF type the kernels take as it is stored (Q4_0, Q4_1, Q8_0: the integers unchanged), requantizes
-  other quantized types (K-quants, Q5_*) to int4 or int8 and leaves float weights in float; "int8" / "int4"
-  quantize every linear layer to that. The output layer makes each position's leading logits exact
+  Q/K/V and gate/up projections (unfused where their stored types differ), the products in bfloat16
+  (activations between them float32). "auto" keeps each GGUF type of camelid/ggml_blocks.py as it is stored
+  (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K: the integers unchanged), requantizes the others (Q2_K, Q3_K,
+  IQ*) to int4 or int8 and leaves float weights in float; "int8" / "int4" quantize every linear layer to that
+  (a 4-bit GGUF type stays as stored under "int4"). The output layer makes each position's leading logits exact
   (quant.QuantOutput).
 """
 
@@ -89,7 +90,7 @@ def _quant_weight(t: LazyTensor, mode: str, shape: tuple[int, int]) -> Q.QuantWe
             if kind == "int4":
                 return Q.Int4Weight(data["q"], data["scale"].float(), data["zero"].float(), int(data["group"]))
             return Q.Int8Weight(data["q"], data["scale"].float().reshape(-1))
-        if mode == "auto" or (mode == "int4" and kind in ("Q4_0", "Q4_1")):
+        if mode == "auto" or (mode == "int4" and kind in ("Q4_0", "Q4_1", "Q4_K")):
             w = Q.from_gguf(kind, data, shape)
             if w is not None and (mode == "auto" or not w.doubled_input):
                 return w
@@ -107,24 +108,27 @@ def _quantize_into(model: Transformer, ckpt: Checkpoint, mode: str, device, dtyp
     """Put quantized (and fused) linear layers into `model`; the names of the tensors they took."""
     taken: set[str] = set()
 
-    def fused(names: list[str]) -> nn.Module | None:
+    def fused(names: list[str]) -> nn.Module | list[nn.Module] | None:
+        """One layer for the group, or one per name where their stored layouts differ (mixed K-quant files)."""
         shapes = [tuple(ckpt.tensors[n].shape) for n in names]
         weights = [_quant_weight(ckpt.tensors[n], mode, s) for n, s in zip(names, shapes)]
         if any(w is None for w in weights):
             if all(w is None for w in weights):
                 return None  # float weights stay float (and unfused: the reference modules)
             weights = [w or Q.int8_from_float(ckpt.tensors[n].load()) for w, n in zip(weights, names)]
-        try:
-            w = Q.concat(weights) if len(weights) > 1 else weights[0]
-        except ValueError:  # mixed layouts cannot share one product: requantize the group alike
-            w = Q.concat([Q.int8_from_float(ckpt.tensors[n].load()) for n in names])
         taken.update(names)
-        return Q.linear_for(w, device)
+        try:
+            return Q.linear_for(Q.concat(weights) if len(weights) > 1 else weights[0], device)
+        except ValueError:  # mixed layouts cannot share one product: a layer each, every weight as stored
+            return [Q.linear_for(w, device) for w in weights]
 
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}."
         attn, ffn = layer.attention, layer.feed_forward
-        if (m := fused([p + "attention.wq.weight", p + "attention.wk.weight", p + "attention.wv.weight"])) is not None:
+        m = fused([p + "attention.wq.weight", p + "attention.wk.weight", p + "attention.wv.weight"])
+        if isinstance(m, list):
+            attn.wq, attn.wk, attn.wv = m
+        elif m is not None:
             attn.wqkv, attn.wq, attn.wk, attn.wv = m, None, None, None
         if (m := fused([p + "attention.wo.weight"])) is not None:
             attn.wo = m
@@ -137,7 +141,10 @@ def _quantize_into(model: Transformer, ckpt: Checkpoint, mode: str, device, dtyp
             p, ffn = p + "feed_forward.shared.", ffn.shared
         else:
             p += "feed_forward."
-        if (m := fused([p + "w1.weight", p + "w3.weight"])) is not None:
+        m = fused([p + "w1.weight", p + "w3.weight"])
+        if isinstance(m, list):
+            ffn.w1, ffn.w3 = m
+        elif m is not None:
             ffn.w13, ffn.w1, ffn.w3 = m, None, None
         if (m := fused([p + "w2.weight"])) is not None:
             ffn.w2 = m

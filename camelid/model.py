@@ -120,8 +120,15 @@ class Attention(nn.Module):
                 k, v, mask = update_chunked(cache, self.layer, positions, k, v, self.chunk)
             else:
                 k, v, mask = cache.update(self.layer, positions, k, v)  # [B,K,S,E], mask [B,1,T,S] or None: causal
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None,
-                                                 enable_gqa=True)
+            if cache.query_by_query and T > 1 and not self.chunk:  # speculative verification, one row (B=1):
+                # query t over slots 0..p_t, as decode computes it alone
+                out = torch.cat([F.scaled_dot_product_attention(
+                    q[:, t : t + 1].transpose(1, 2), k[:, :, : p + 1], v[:, :, : p + 1],
+                    attn_mask=torch.zeros(1, 1, 1, p + 1, dtype=k.dtype, device=k.device), enable_gqa=True)
+                    for t, p in enumerate(positions[0].tolist())], dim=2)
+            else:
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None,
+                                                     enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
     def _position(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

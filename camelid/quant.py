@@ -8,12 +8,14 @@ order). Every quantized weight is first brought to one of two plain forms:
   Int4Weight: w[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g],  q in 0..15,  g = k // group
   Int8Weight: w[n, k] = q[n, k] * scale[n],  q in -128..127 (one scale per output row)
 
-GGUF blocks map onto Int4Weight without loss of the integers (the scales become bfloat16, as the kernel wants):
-  Q4_0  w = d * (q - 8)           -> scale d, zero 0
-  Q4_1  w = d * q + m             -> scale d, zero m + 8d
-  Q8_0  w = d * q, q = 16 hi + lo -> two 4-bit halves over a doubled input: [hi + 8 | lo] with scales [16d | d]
-        and zeros [0 | 8d]; the layer feeds [x, x] so one int4 product gives d * (16 hi + lo) = d * q.
-Other GGUF types (K-quants, Q5_*) are dequantized once and requantized to int4 or int8 (lossy; see `from_float`).
+GGUF blocks (decoded exactly by camelid/ggml_blocks.py to w = q * scale + bias per group) map onto Int4Weight
+without loss of the integers (the scales become bfloat16, as the kernel wants):
+  4 bits, groups of 32 (Q4_0, Q4_1, Q4_K): as they are, zero = bias + 8 scale.
+  5 or 8 bits, groups of 32 (Q5_0, Q5_1, Q5_K, Q8_0): q = 16 hi + lo, two 4-bit halves over a doubled input
+        [x, x]: hi (+8 when it fits) with scale 16 s and lo with scale s, so one int4 product gives s q + bias.
+  6 bits, groups of 16 (Q6_K): the kernel's groups are at least 32 wide, so each 16-wide group j becomes one
+        32-wide group [lo_j | hi_j + 8] over the input [x_j | 16 x_j] (`split16`), one scale and one zero.
+Other GGUF types (Q2_K, Q3_K, IQ*) are dequantized once and requantized to int4 or int8 (lossy; see loader.py).
 
 Long prefills (many tokens per row) are compute-bound, where the int4 kernel is slower than a dense bfloat16
 product on AMX/AVX-512: a call with at least DENSE_MIN_TOKENS tokens per row dequantizes the weight to bfloat16
@@ -40,7 +42,8 @@ class Int4Weight:
     scale: torch.Tensor  # float32 [N, K // group]
     zero: torch.Tensor  # float32 [N, K // group]
     group: int = GROUP
-    doubled_input: bool = False  # Q8_0 split into two nibbles: the layer's input is [x, x]
+    doubled_input: bool = False  # 5/8-bit values split into two nibbles: the layer's input is [x, x]
+    split16: bool = False  # with doubled_input: Q6_K's layout, the input is [x_j, 16 x_j] per 16 columns j
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -51,9 +54,29 @@ class Int4Weight:
         n, k = self.q.shape
         g = self.q.view(n, k // self.group, self.group).float()
         w = ((g - 8) * self.scale[..., None] + self.zero[..., None]).reshape(n, k)
-        if self.doubled_input:
-            w = w[:, : k // 2] + w[:, k // 2 :]
+        return combine_halves(w, self.doubled_input, self.split16)
+
+
+def combine_halves(w: torch.Tensor, doubled: bool, split16: bool) -> torch.Tensor:
+    """Weights over the kernel's (doubled) input [N, K'] -> the weight over x [N, K' / 2]."""
+    if not doubled:
         return w
+    n, k = w.shape
+    if split16:
+        v = w.view(n, k // 32, 2, 16)
+        return (v[:, :, 0] + 16 * v[:, :, 1]).reshape(n, k // 2)
+    return w[:, : k // 2] + w[:, k // 2 :]
+
+
+def expand_input(x: torch.Tensor, doubled: bool, split16: bool) -> torch.Tensor:
+    """x [M, K] -> the kernel's input: x, [x, x], or [x_j, 16 x_j] for each 16 columns j (exact in bfloat16)."""
+    if not doubled:
+        return x
+    if split16:
+        m, k = x.shape
+        v = x.view(m, k // 16, 1, 16)
+        return torch.cat([v, 16 * v], dim=2).view(m, 2 * k)
+    return torch.cat([x, x], dim=-1)
 
 
 @dataclass
@@ -74,44 +97,38 @@ QuantWeight = Int4Weight | Int8Weight
 
 # --- from GGUF blocks ---------------------------------------------------------------------------------
 
-def _f16(blocks: np.ndarray, start: int) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(blocks[..., start : start + 2]).view(np.float16)[..., 0].astype(np.float32))
-
-
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """GGUF 4-bit block payload [..., 16] -> values [..., 32]: low nibbles are elements 0..15, high 16..31."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-
-
 DENSE_MIN_TOKENS = 128  # tokens per row from which a CPU call dequantizes and runs a dense bf16 product
 CHUNK_ROWS = 4096  # rows converted at a time: bounds the temporaries (a multiple of the CPU packing's 64-row blocks)
 
 
 def from_gguf(kind: str, data: np.ndarray, shape: tuple[int, int]) -> Int4Weight | None:
-    """GGUF Q4_0 / Q4_1 / Q8_0 rows (uint8 [N, bytes per row]) as an Int4Weight; None for other types."""
-    n, k = shape
-    size = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}.get(kind)
-    if size is None:
+    """GGUF rows (uint8 [N, bytes per row]) of a type in ggml_blocks.SUPPORTED as an Int4Weight; None for others."""
+    from . import ggml_blocks
+
+    if kind not in ggml_blocks.SUPPORTED:
         return None
-    blocks = np.asarray(data).reshape(n, k // GROUP, size)
-    parts = [_from_blocks(kind, blocks[i : i + CHUNK_ROWS], k) for i in range(0, n, CHUNK_ROWS)]
+    n, k = shape
+    data = np.asarray(data)
+    parts = [int4_from_blocks(ggml_blocks.decode(kind, data[i : i + CHUNK_ROWS], k)) for i in range(0, n, CHUNK_ROWS)]
     return concat(parts) if len(parts) > 1 else parts[0]
 
 
-def _from_blocks(kind: str, blocks: np.ndarray, k: int) -> Int4Weight:
-    n = blocks.shape[0]
-    d = _f16(blocks, 0)
-    if kind == "Q8_0":
-        q8 = blocks[..., 2:].view(np.int8).astype(np.int16)  # [N, G, 32]
-        hi, lo = (q8 >> 4) + 8, q8 & 0x0F  # q = 16 (hi - 8) + lo, both in 0..15
-        q = torch.from_numpy(np.concatenate([hi, lo], axis=1).astype(np.uint8).reshape(n, 2 * k))
-        scale = torch.cat([16 * d, d], dim=1)
-        zero = torch.cat([torch.zeros_like(d), 8 * d], dim=1)
-        return Int4Weight(q, scale, zero, GROUP, doubled_input=True)
-    offset = 2 if kind == "Q4_0" else 4
-    q = torch.from_numpy(_nibbles(blocks[..., offset:]).reshape(n, k))
-    zero = torch.zeros_like(d) if kind == "Q4_0" else _f16(blocks, 2) + 8 * d
-    return Int4Weight(q, d, zero, GROUP)
+def int4_from_blocks(b) -> Int4Weight:
+    """Decoded GGUF blocks (ggml_blocks.Blocks: w = q * scale + bias) laid out for the int4 kernel, integers intact."""
+    q, s, bias = torch.from_numpy(b.q), torch.from_numpy(b.scale), torch.from_numpy(b.bias)
+    n, k = q.shape
+    if b.bits <= 4 and b.group == GROUP:
+        return Int4Weight(q, s, bias + 8 * s, GROUP)
+    hi, lo = q >> 4, q & 0x0F
+    if b.group == GROUP:  # [hi + c | lo], scales [16 s | s]: 16 s (hi + c - 8) + s (lo - 8) + zero = s q + bias
+        c = 8 if b.bits <= 7 else 0
+        zero = bias + 8 * s + 16 * (8 - c) * s
+        return Int4Weight(torch.cat([hi + c, lo], dim=1), torch.cat([16 * s, s], dim=1),
+                          torch.cat([torch.zeros_like(s), zero], dim=1), GROUP, doubled_input=True)
+    if b.group == 16 and b.bits <= 6:  # per group j: [lo_j | hi_j + 8] over [x_j | 16 x_j]: s q - 8 s + 17 zero
+        pairs = torch.stack([lo.view(n, k // 16, 16), (hi + 8).view(n, k // 16, 16)], dim=2).view(n, 2 * k)
+        return Int4Weight(pairs, s, (bias + 8 * s) / 17, GROUP, doubled_input=True, split16=True)
+    raise ValueError(f"no int4 layout for {b.bits}-bit values in groups of {b.group}")
 
 
 # --- from float weights -------------------------------------------------------------------------------
@@ -137,10 +154,11 @@ def concat(weights: list[QuantWeight]) -> QuantWeight:
     """Several weights with the same input stacked along N (fused Q/K/V or gate/up projections)."""
     a = weights[0]
     if isinstance(a, Int4Weight):
-        if any(not isinstance(w, Int4Weight) or (w.group, w.doubled_input) != (a.group, a.doubled_input) for w in weights):
+        layout = (a.group, a.doubled_input, a.split16)
+        if any(not isinstance(w, Int4Weight) or (w.group, w.doubled_input, w.split16) != layout for w in weights):
             raise ValueError("cannot fuse int4 weights of different layouts")
         return Int4Weight(torch.cat([w.q for w in weights]), torch.cat([w.scale for w in weights]),
-                          torch.cat([w.zero for w in weights]), a.group, a.doubled_input)
+                          torch.cat([w.zero for w in weights]), *layout)
     if any(not isinstance(w, Int8Weight) for w in weights):
         raise ValueError("cannot fuse int8 with other weights")
     return Int8Weight(torch.cat([w.q for w in weights]), torch.cat([w.scale for w in weights]))
@@ -190,12 +208,12 @@ class Int4Linear(nn.Module):
         super().__init__()
         device = torch.device(device)
         self.out_features, self.in_features = w.shape
-        self.group, self.doubled_input = w.group, w.doubled_input
+        self.group, self.doubled_input, self.split16 = w.group, w.doubled_input, w.split16
         q, pad = w.q, -w.q.shape[0] % 16  # the kernels want N a multiple of 16: pad with rows of zeros
         if pad:
             q = torch.cat([q, torch.zeros(pad, q.shape[1], dtype=q.dtype)])
             none = torch.zeros(pad, w.scale.shape[1])
-            w = Int4Weight(q, torch.cat([w.scale, none]), torch.cat([w.zero, none]), w.group, w.doubled_input)
+            w = Int4Weight(q, torch.cat([w.scale, none]), torch.cat([w.zero, none]), w.group, w.doubled_input, w.split16)
         if device.type == "cpu":  # packed a chunk of rows at a time (the int32 input is 4 bytes per weight)
             packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[i : i + CHUNK_ROWS].to(torch.int32), 2)
                                 for i in range(0, q.shape[0], CHUNK_ROWS)])
@@ -213,9 +231,7 @@ class Int4Linear(nn.Module):
         q = torch.stack([self.nibbles & 0x0F, self.nibbles >> 4], -1).view(n, half * 2 // self.group, self.group)
         s, z = self.scale_zero[..., 0].t(), self.scale_zero[..., 1].t()  # [N, G]
         w = ((q.to(dtype) - 8) * s[..., None].to(dtype) + z[..., None].to(dtype)).view(n, half * 2)
-        if self.doubled_input:
-            w = w[:, : half] + w[:, half:]
-        return w
+        return combine_halves(w, self.doubled_input, self.split16)
 
     def dequantize_rows(self, start: int, end: int) -> torch.Tensor:
         """Output rows start..end of W in float32 [end - start, in] (for the backward pass)."""
@@ -226,7 +242,7 @@ class Int4Linear(nn.Module):
         q = torch.stack([nib & 0x0F, nib >> 4], -1).view(n, half * 2 // self.group, self.group).float()
         s, z = self.scale_zero[:, start:end, 0].t().float(), self.scale_zero[:, start:end, 1].t().float()
         w = ((q - 8) * s[..., None] + z[..., None]).view(n, half * 2)
-        return w[:, :half] + w[:, half:] if self.doubled_input else w
+        return combine_halves(w, self.doubled_input, self.split16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _differentiable(x):  # training through a frozen quantized base: gradients flow to x only
@@ -239,8 +255,7 @@ class Int4Linear(nn.Module):
         if _dense(shape, x) and self.nibbles is not None:
             y = F.linear(x, self.dequantize())
         else:
-            if self.doubled_input:
-                x = torch.cat([x, x], dim=-1)
+            x = expand_input(x, self.doubled_input, self.split16)
             if x.device.type == "cpu":
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scale_zero)
             else:
@@ -290,15 +305,26 @@ class QuantEmbedding(nn.Module):
     def __init__(self, w: QuantWeight, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.dtype = dtype
-        if isinstance(w, Int4Weight) and w.doubled_input:  # Q8_0: back to its int8 values and one scale per block
+        if isinstance(w, Int4Weight) and w.doubled_input:  # 5-8 bits: back to one int8 value per weight
             n, k2 = w.q.shape
             q = torch.empty(n, k2 // 2, dtype=torch.int8)
             for i in range(0, n, CHUNK_ROWS):
-                rows = w.q[i : i + CHUNK_ROWS]
-                q[i : i + CHUNK_ROWS] = (16 * (rows[:, : k2 // 2].to(torch.int16) - 8) + rows[:, k2 // 2 :]).to(torch.int8)
+                rows = w.q[i : i + CHUNK_ROWS].to(torch.int16)
+                if w.split16:  # [lo_j | hi_j] per 16: w = s (lo + 16 (hi - 8)) + 17 z - 8 s
+                    pairs = rows.view(rows.shape[0], k2 // 32, 2, 16)
+                    lo, hi = pairs[:, :, 0].reshape(-1, k2 // 2), pairs[:, :, 1].reshape(-1, k2 // 2)
+                else:  # [hi | lo]: w = s_lo (16 (hi - 8) + lo) + z_hi + z_lo - 8 s_lo
+                    hi, lo = rows[:, : k2 // 2], rows[:, k2 // 2 :]
+                q[i : i + CHUNK_ROWS] = (16 * (hi - 8) + lo).to(torch.int8)
+            if w.split16:
+                scale, zero = w.scale, 17 * w.zero - 8 * w.scale
+            else:
+                half = w.scale.shape[1] // 2
+                scale = w.scale[:, half:]
+                zero = w.zero[:, :half] + w.zero[:, half:] - 8 * scale
             self.register_buffer("q", q.to(device))
-            self.register_buffer("scale", w.scale[:, w.scale.shape[1] // 2 :].to(device))
-            self.register_buffer("zero", torch.zeros_like(self.scale))
+            self.register_buffer("scale", scale.to(device))
+            self.register_buffer("zero", zero.to(device))
             self.offset = 0
         elif isinstance(w, Int4Weight):
             self.register_buffer("q", w.q.to(device))

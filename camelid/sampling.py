@@ -106,3 +106,12 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
         return int(torch.argmax(logits))
     probs = filter_logits(logits, p).softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def probabilities(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None = None,
+                  generated: torch.Tensor | None = None) -> torch.Tensor:
+    """The distribution `sample` draws from (not greedy): penalties, temperature and filters, softmax. [V] -> [V]."""
+    empty = torch.empty(0, dtype=torch.long)
+    logits = apply_penalties(logits.float(), seen if seen is not None else empty,
+                             generated if generated is not None else empty, p)
+    return filter_logits(logits, p).softmax(-1)

@@ -23,6 +23,10 @@ from gguf import GGMLQuantizationType as Q
 K_QUANTS = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 # byte offsets of the f16 scale fields inside one block of each type that gets random blocks
 _F16_FIELDS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.Q8_0: (0,)}
+# the range the f16 scales are drawn from: Q6_K's super-scale multiplies int8 sub-scales and 6-bit values, so it
+# is drawn a hundred times smaller, for weights of about 1/sqrt(dim) (a random model with huge weights is chaotic:
+# bf16 rounding alone then moves its logits)
+_F16_RANGE = {Q.Q6_K: (0.00002, 0.00006)}
 
 GGUF_NAMES = {  # canonical -> GGUF ({i} = layer)
     "tok_embeddings.weight": "token_embd.weight",
@@ -193,7 +197,8 @@ def random_blocks(qtype: Q, shape: tuple[int, int], rng: np.random.Generator) ->
     n_blocks = rows * cols // block
     raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
     for off in _F16_FIELDS[qtype]:
-        raw[:, off:off + 2] = (rng.uniform(0.001, 0.01, size=(n_blocks, 1))).astype(np.float16).view(np.uint8)
+        lo, hi = _F16_RANGE.get(qtype, (0.001, 0.01))
+        raw[:, off:off + 2] = (rng.uniform(lo, hi, size=(n_blocks, 1))).astype(np.float16).view(np.uint8)
     return raw.reshape(rows, cols // block * size)
 
 
@@ -237,10 +242,12 @@ def write_gguf(
     drop: tuple[str, ...] = (),
     reshape: dict[str, tuple[int, int]] | None = None,
     random_qtypes: tuple[Q, ...] = K_QUANTS,
+    qtypes: dict[str, Q] | None = None,
 ) -> dict[str, np.ndarray]:
     """Write a llama GGUF; return the float32 HF-layout weights a correct reader loads.
 
-    qtype applies to 2-D tensors; those of random_qtypes are random valid blocks instead of quantized
+    qtype applies to 2-D tensors (qtypes: canonical name -> type for the ones that differ, as in llama.cpp's
+    mixed Q4_K_M files); those of random_qtypes are random valid blocks instead of quantized
     weights (K-quants: gguf-py cannot quantize them). drop/reshape: canonical names to leave out or
     store with another shape (for bad-file tests).
     """
@@ -270,7 +277,7 @@ def write_gguf(
             continue
         if reshape and name in reshape:
             t = np.resize(t, reshape[name]).astype(np.float32)
-        qt = qtype if t.ndim == 2 else Q.F32
+        qt = (qtypes or {}).get(name, qtype) if t.ndim == 2 else Q.F32
         data, expected[name] = encode_tensor(name, t, qt, spec, rng, random=qt in random_qtypes)
         raw_dtype = None if data.dtype in (np.float32, np.float16) else qt
         w.add_tensor(gguf_name(name), data, raw_dtype=raw_dtype)

@@ -23,9 +23,9 @@ def _same(*lines: list[str]) -> None:
 
 # (command line with options last, the same with options first, with options between)
 CASES = {
-    "run": (["run", "M", "Hi there", "--max-tokens", "5", "--raw", "--stop", "x"],
-            ["run", "--max-tokens", "5", "--raw", "--stop", "x", "M", "Hi there"],
-            ["run", "M", "--max-tokens", "5", "Hi there", "--raw", "--stop", "x"]),
+    "run": (["run", "M", "Hi there", "--max-tokens", "5", "--raw", "--stop", "x", "--speculate", "ngram"],
+            ["run", "--max-tokens", "5", "--raw", "--stop", "x", "--speculate", "ngram", "M", "Hi there"],
+            ["run", "M", "--max-tokens", "5", "Hi there", "--speculate", "ngram", "--raw", "--stop", "x"]),
     "chat": (["chat", "M", "--system", "Be brief", "--temperature", "0.2"],
              ["chat", "--system", "Be brief", "--temperature", "0.2", "M"],
              ["chat", "--system", "Be brief", "M", "--temperature", "0.2"]),

@@ -95,7 +95,7 @@ def test_fast_model_follows_the_reference(tmp_path, qtype, tied):
     fast = build_model(ckpt, quant="auto")
     kept = {type(m).__name__ for m in fast.modules()}
     if qtype in (G.Q4_0, G.Q4_1, G.Q8_0, G.Q4_K):
-        assert "Int4Linear" in kept  # nothing expanded to float (Q4_K requantized to int4)
+        assert "Int4Linear" in kept  # nothing expanded to float (Q4_K kept as stored)
     tokens = torch.randint(0, ckpt.config.vocab_size, (2, 12))
     with torch.inference_mode():
         a, b = ref(tokens), fast(tokens)
