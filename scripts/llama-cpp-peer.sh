@@ -26,3 +26,16 @@ fi
 WHEEL=$(ls "$DIR"/llama_cpp_python-*.whl)
 "$PIP" install --quiet --force-reinstall --no-deps "$WHEEL"  # this build, whichever was installed before
 "$PIP" install --quiet "$WHEEL${EXTRA:+[$EXTRA]}"  # its dependencies (numpy, diskcache, jinja2; the server's with EXTRA=server)
+# llama.cpp's own Python converter (convert_hf_to_gguf.py with its conversion/ and gguf-py/ packages) from the same
+# sdist, for the tests that check camelid against llama.cpp's GGUF output (Llama 4): unpacked once beside the wheels
+TREE=${DIR%/*}/../llama.cpp-$VERSION
+if [ ! -f "$TREE/convert_hf_to_gguf.py" ]; then
+  SDIST=$(mktemp -d)
+  "$PIP" download --quiet --no-deps --no-binary :all: -d "$SDIST" "llama-cpp-python==$VERSION"
+  tar -xzf "$SDIST"/llama_cpp_python-*.tar.gz -C "$SDIST"
+  SRC=$(echo "$SDIST"/llama_cpp_python-*/vendor/llama.cpp)
+  rm -rf "$TREE.tmp" && mkdir -p "$TREE.tmp"
+  cp -r "$SRC/convert_hf_to_gguf.py" "$SRC/gguf-py" "$TREE.tmp/"
+  [ -d "$SRC/conversion" ] && cp -r "$SRC/conversion" "$TREE.tmp/"
+  rm -rf "$TREE" && mv "$TREE.tmp" "$TREE" && rm -rf "$SDIST"
+fi

@@ -1,7 +1,8 @@
 """Llama 4 GGUF files: llama.cpp's own converter output and camelid's writer, against transformers; the fast path.
 
 llama.cpp's convert_hf_to_gguf.py is not on PyPI; the test uses a llama.cpp source tree (the one
-llama-cpp-python's sdist vendors) named by $LLAMA_CPP_DIR, and skips when there is none. The converter runs
+llama-cpp-python's sdist vendors) named by $LLAMA_CPP_DIR, by default the one scripts/llama-cpp-peer.sh unpacks
+into ~/.cache/camelid (`make test` runs it); it skips when there is none. The converter runs
 offline with the tree's own gguf-py; the only patch is the pre-tokenizer name for the tiny test vocabulary
 (whose hash llama.cpp does not know): "llama4".
 """
@@ -32,7 +33,9 @@ DENSE = {"num_local_experts": 0, "interleave_moe_layer_step": 0, "moe_layers": [
 
 
 def llama_cpp_dir() -> Path | None:
-    for d in (os.environ.get("LLAMA_CPP_DIR"), "/tmp/llama4-lcp"):
+    """$LLAMA_CPP_DIR, else the tree scripts/llama-cpp-peer.sh unpacks from llama-cpp-python's sdist (`make test`)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "camelid"
+    for d in (os.environ.get("LLAMA_CPP_DIR"), *sorted(cache.glob("llama.cpp-*"), reverse=True)):
         if d and (Path(d) / "convert_hf_to_gguf.py").is_file():
             return Path(d)
     return None
@@ -41,7 +44,10 @@ def llama_cpp_dir() -> Path | None:
 def convert(folder: Path, out: Path) -> Path:
     root = llama_cpp_dir()
     if root is None:
-        pytest.skip("no llama.cpp tree with convert_hf_to_gguf.py ($LLAMA_CPP_DIR)")
+        message = "no llama.cpp tree with convert_hf_to_gguf.py ($LLAMA_CPP_DIR or ~/.cache/camelid/llama.cpp-*)"
+        if os.environ.get("CAMELID_REQUIRE_LLAMA_CPP") == "1":  # `make test` unpacks one: missing is a failure there
+            pytest.fail(message)
+        pytest.skip(message)
     code = (
         "import sys, runpy\n"
         f"sys.argv = ['convert_hf_to_gguf.py', {str(folder)!r}, '--outfile', {str(out)!r}, '--outtype', 'f32']\n"
