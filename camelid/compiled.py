@@ -34,6 +34,8 @@ class _StepCache:
     [B,K,C,E] tensors written in place at the rows' positions, attention over the first S slots, S given by
     the mask's last dimension."""
 
+    query_by_query = False  # KVCache's speculative-verification switch: a decode step is one query per row
+
     def __init__(self, k: list, v: list, mask) -> None:
         self.k, self.v, self.mask = k, v, mask
 
