@@ -102,7 +102,10 @@ def test_forward_matches_a_float_forward_on_the_dequantized_weights(tmp_path, qt
         assert layer0.attention.wqkv is None and layer0.attention.wv.split16
         wv = layer0.attention.wv.dequantize(torch.float32)
         torch.testing.assert_close(wv, ref.layers[0].attention.wv.weight, rtol=0.01, atol=0.01 * wv.abs().max())
-    tokens = torch.randint(0, ckpt.config.vocab_size, (2, 12))
+    # fixed inputs: for some inputs this random model amplifies bfloat16 rounding chaotically (with other draws even
+    # the float32 reference under bf16 autocast lands at cosine -0.88 from itself), so unseeded tokens made the test
+    # depend on the suite's order
+    tokens = torch.randint(0, ckpt.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         a, b = ref(tokens), fast(tokens)
     cos = torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).min()
