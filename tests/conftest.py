@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -114,3 +115,21 @@ def require_llama_cpp():
 
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class Collector:
+    """An engine sequence's `emit`: the token ids it gets, then its one Finish (`done` is set then)."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.finish = None
+        self.done = threading.Event()
+
+    def __call__(self, event) -> None:
+        from camelid.serve.engine import Finish
+
+        if isinstance(event, Finish):
+            self.finish = event
+            self.done.set()
+        else:
+            self.ids.append(event.id)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
+from conftest import Collector
 
 from camelid.cache import KVCache
 from camelid.prompt_cache import Block, BlockStore, PromptCache, next_chunk
 from camelid.sampling import GREEDY
-from camelid.serve.engine import Engine, Finish, make_sequence
+from camelid.serve.engine import Engine, make_sequence
 
 
 def test_schedule_is_a_function_of_positions_and_prefix_consistent():
@@ -64,20 +63,6 @@ def test_salt_adapter_and_model_keep_chains_apart():
     assert pc.restore(fresh, 0, tokens, None, "alice")[0] == 32 and bool((fresh.k[0][0, :, :32] == 1).all())
     # the chunk holding the last token is computed, never restored
     assert pc.restore(fresh, 0, tokens[:32], None, "alice")[0] == 0
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.ids: list[int] = []
-        self.finish: Finish | None = None
-        self.done = threading.Event()
-
-    def __call__(self, event) -> None:
-        if isinstance(event, Finish):
-            self.finish = event
-            self.done.set()
-        else:
-            self.ids.append(event.id)
 
 
 def run(engine, prompts, max_tokens, stop_ids, together=True, salt=None):

@@ -2,25 +2,10 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
+from conftest import Collector
 
-from camelid.serve.engine import Engine, Finish, QueueFullError, make_sequence
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.ids: list[int] = []
-        self.finish: Finish | None = None
-        self.done = threading.Event()
-
-    def __call__(self, event) -> None:
-        if isinstance(event, Finish):
-            self.finish = event
-            self.done.set()
-        else:
-            self.ids.append(event.id)
+from camelid.serve.engine import Engine, QueueFullError, make_sequence
 
 
 @pytest.fixture(scope="module")
