@@ -48,6 +48,16 @@ class ServerState:
         self.created = self.created or int(time.time())
 
 
+def record(request: Request, **fields) -> dict:
+    """What this request did, for the stages that judge or log it after the answer (keys' token budgets, the audit
+    log): `model`, `prompt` (the text the model read), `answer` (what it wrote, choices joined by NUL), `usage`,
+    `finish_reason`, `verdicts`. It lives in the ASGI scope, so pure-ASGI middleware reads it when the response ends;
+    a middleware that wants it across scope copies creates `scope["camelid.record"] = {}` first."""
+    rec = request.scope.setdefault("camelid.record", {})
+    rec.update(fields)
+    return rec
+
+
 def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
@@ -270,7 +280,10 @@ async def respond(request: Request, state: ServerState, gen: Generation, chat: b
     tok = state.tokenizer
     markers = tool_stage.marker_ids(tok, gen.tools)
     outputs = [ChatOutput(gen.tools, markers) for _ in gen.choices]  # each choice's message (content, tool calls)
+    record(request, model=head["model"], prompt=tok.decode(gen.prompt, special=True))
     if gen.params.stream:
+        sent: list[list[str]] = [[] for _ in gen.choices]
+
         async def stream():
             try:
                 if chat:
@@ -279,6 +292,7 @@ async def respond(request: Request, state: ServerState, gen: Generation, chat: b
                                                         "logprobs": None, "finish_reason": None}]})
                 offsets = [0] * len(gen.choices)
                 async for choice, text, token in gen.events(request):
+                    sent[choice.index].append(text)
                     lp = None
                     if gen.params.logprobs is not None and token is not None and token.logprob is not None:
                         lp = chat_logprobs(tok, [token]) if chat else completion_logprobs(tok, [token], offsets[choice.index])
@@ -309,6 +323,8 @@ async def respond(request: Request, state: ServerState, gen: Generation, chat: b
                 yield sse("[DONE]")
             finally:  # the client went away (or we are done): free every slot of this request
                 gen.cancel()
+                record(request, answer="\0".join("".join(t) for t in sent), usage=gen.usage(),
+                       finish_reason=[c.finish_reason for c in gen.choices])
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -324,6 +340,8 @@ async def respond(request: Request, state: ServerState, gen: Generation, chat: b
                 tokens[choice.index].append(token)
     finally:
         gen.cancel()
+        record(request, answer="\0".join("".join(t) for t in texts), usage=gen.usage(),
+               finish_reason=[c.finish_reason for c in gen.choices])
     if not gen.done:  # the client left
         return Response(status_code=499)
     choices = []
