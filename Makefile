@@ -49,6 +49,7 @@ lint: setup
 # test build in .venv (the tests pass on either).
 $(VENV)/.bench: $(VENV)/.installed
 	scripts/llama-cpp-peer.sh $(BIN)/pip native server
+	scripts/llama-cpp-tools.sh $(BIN)/pip  # llama-bench, llama-server (-np), llama-perplexity: the issues' peers
 	$(BIN)/pip install --quiet -e '.[bench]'
 	touch $@
 
