@@ -329,6 +329,8 @@ def test_403_outside_the_key_s_endpoints_and_models(served):
     assert s.get("/v1/models", other_model).json()["data"] == []  # its scope hides the models it may not use
     assert s.get("/v1/models/tiny", other_model).status_code == 404
     assert s.post("/v1/completions", tiny, {"prompt": PROMPT, "temperature": "hot"}).status_code == 400  # the app's own check
+    big = {"model": "tiny", "prompt": "x" * (1 << 20)}  # past the body limit: passed on unread, and the app refuses it
+    assert s.post("/v1/completions", other_model, big).status_code == 413
     assert metric(s, 'camelid_key_refusals_total{key="s-chat",reason="endpoint"}') == 4
 
 

@@ -261,7 +261,7 @@ class KeysMiddleware:
             chunks.append(message)
             size += len(message.get("body", b""))
             more = message.get("more_body", False)
-        if more or (chunks and chunks[-1]["type"] != "http.request"):
+        if more or size > self.max_body_bytes or (chunks and chunks[-1]["type"] != "http.request"):
             return _replay(chunks, receive), None, 0
         raw = b"".join(m.get("body", b"") for m in chunks)
         try:
