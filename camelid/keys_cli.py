@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 
 def add_parser(sub) -> None:
@@ -69,19 +70,21 @@ def _limits(k: dict) -> str:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> None:
+    from .serve.gate import read_ledger
     from .serve.keys import DEFAULT_ENDPOINTS, key_summary, read_keys
 
     now = time.time()
-    rows = [key_summary(k, now) for k in read_keys(args.file).values()]
+    today = read_ledger(Path(args.file).with_name(Path(args.file).name + ".usage"), int(now // 86400))
+    rows = [{**key_summary(k, now), "tokens_today": today.get(k.name, 0)} for k in read_keys(args.file).values()]
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"{'NAME':20} {'STATUS':8} {'SECRET':17} {'MODELS':20} {'ENDPOINTS':28} {'LIMITS':28} EXPIRES")
+    print(f"{'NAME':20} {'STATUS':8} {'SECRET':17} {'MODELS':20} {'ENDPOINTS':28} {'LIMITS':28} {'TODAY':>9} EXPIRES")
     for k in rows:
         models = ",".join(k["models"]) if k["models"] is not None else "all"
         endpoints = "all but metrics" if k["endpoints"] == list(DEFAULT_ENDPOINTS) else ",".join(k["endpoints"])
         print(f"{k['name']:20} {k['status']:8} {k['prefix'] + '...':17} {models:20} {endpoints:28} "
-              f"{_limits(k):28} {k['expires'] or '-'}")
+              f"{_limits(k):28} {k['tokens_today']:>9} {k['expires'] or '-'}")
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> None:

@@ -194,6 +194,24 @@ def test_limiter_daily_tokens_edge_resets_at_utc_midnight():
     assert lim.admit(key) is None
 
 
+def test_daily_tokens_survive_a_restart_through_the_ledger(tmp_path):
+    clock, ledger = Clock(), tmp_path / "keys.json.usage"
+    key = Key("k", daily_tokens=100)
+    lim = Limiter(clock, ledger)
+    assert lim.admit(key) is None
+    lim.finish(key, 0, 60)  # saved: a second has not passed since start, so at shutdown
+    assert not ledger.exists()
+    lim.save()
+    clock.advance(2)
+    assert lim.admit(key) is None
+    lim.finish(key, 0, 40)  # a second has passed since the last save: written now
+    assert json.loads(ledger.read_text())["tokens"] == {"k": 100}
+    again = Limiter(clock, ledger)  # the server restarted: the day is not fresh
+    assert again.admit(key).reason == "daily_tokens"
+    clock.advance(86400)
+    assert Limiter(clock, ledger).admit(key) is None  # the next UTC day starts at 0
+
+
 # --- serve --keys, in process (one tiny model for the module) --------------------------------------------------------
 
 class Probe:
@@ -511,3 +529,7 @@ def test_cli_keys_and_serve_without_restart(tmp_path, capsys):
         assert 'camelid_key_auth_failures_total{reason="revoked"}' in text
         assert 'camelid_key_refusals_total{key="bob",reason="model"} 1' in text
         assert 'camelid_key_requests_total{key="alice"}' in text
+    ledger = json.loads((tmp_path / "keys.json.usage").read_text())  # written at shutdown
+    assert ledger["tokens"]["alice"] >= len(PROMPT) + 1 and "bob" not in ledger["tokens"]
+    rows = {k["name"]: k for k in json.loads(cli(capsys, "keys", "list", "--json", "--file", str(keys))[1])}
+    assert rows["alice"]["tokens_today"] == ledger["tokens"]["alice"] and rows["alice"]["status"] == "revoked"

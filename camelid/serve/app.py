@@ -22,7 +22,7 @@ from ..tokenizer import Tokenizer
 from . import tools as tool_stage
 from .constrained import JsonConstraint
 from .engine import Engine, EngineStoppedError, Finish, QueueFullError, Token, make_sequence
-from .gate import KeysMiddleware
+from .gate import KeysMiddleware, Limiter
 from .keys import KeyStore
 from .metrics import Metrics
 from .params import ApiError, GenParams, Limits, check_fits, messages_of, parse_common, prompt_of
@@ -571,8 +571,9 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None, regist
                                      allow_headers=["Authorization", "Content-Type"]))
     middleware.append(Middleware(CountRequests, metrics=state.metrics, endpoints={r.path for r in routes}))
     # authenticate + limits (camelid/serve/gate.py): --api-key and --keys; sets scope["camelid.key"]
+    limiter = Limiter(state.keys.clock, state.keys.ledger) if state.keys is not None else None
     middleware.append(Middleware(KeysMiddleware, api_key=state.api_key, store=state.keys, metrics=state.metrics,
-                                 default_model=state.model_id, max_body_bytes=state.limits.max_body_bytes))
+                                 default_model=state.model_id, max_body_bytes=state.limits.max_body_bytes, limiter=limiter))
 
     from contextlib import asynccontextmanager
 
@@ -586,6 +587,8 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None, regist
             reaper.cancel()
             registry.stop_all()
         state.engine.stop()
+        if limiter is not None:
+            limiter.save()  # the day's token counts of each key
 
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
                     exception_handlers={ApiError: api_error, HTTPException: http_error,

@@ -10,8 +10,9 @@ Limits of a key, each over its own window (`clock` is injectable, so tests step 
     tpm           tokens in the last 60 s: a request is admitted while the key's charged tokens (usage.total_tokens of
                   requests that ended) plus the max_tokens reserved by its requests in flight are under N
     concurrency   requests of the key in flight at once
-    daily_tokens  as tpm, over the UTC calendar day (Retry-After: until the next UTC midnight); kept in memory,
-                  so a restart of the server starts the day's count again
+    daily_tokens  as tpm, over the UTC calendar day (Retry-After: until the next UTC midnight); the day's counts
+                  are kept in a ledger file beside the key file (KEYS.usage, written atomically at most once a second
+                  and at shutdown), so a restart does not hand out a fresh day (a kill loses at most the last second)
 The limiter lives in the event loop (one thread), so it takes no locks; its state is per key name and survives
 reloads of the key file.
 """
@@ -21,12 +22,14 @@ from __future__ import annotations
 import hmac
 import json
 import math
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from .keys import DEFAULT_KEY, Key, KeyStore, endpoint_of
+from .keys import DEFAULT_KEY, Key, KeyStore, atomic_write, endpoint_of, iso
 
 WINDOW = 60.0
 OPEN_PATHS = {"/health", "/"}  # no key needed: liveness, and the static chat page (it holds no data)
@@ -62,11 +65,33 @@ def _ceil(seconds: float) -> int:
 
 
 class Limiter:
-    """Per-key rpm, tpm, concurrency and daily-token accounting."""
+    """Per-key rpm, tpm, concurrency and daily-token accounting; ledger: the file the day's token counts are kept in."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self.clock = clock
+    def __init__(self, clock: Callable[[], float] = time.time, ledger: str | Path | None = None,
+                 save_every: float = 1.0) -> None:
+        self.clock, self.ledger, self.save_every = clock, Path(ledger) if ledger else None, save_every
         self.usage: dict[str, _Usage] = {}
+        self._dirty, self._saved_at, self._warned = False, clock(), False
+        if self.ledger is not None:  # today's counts from before a restart
+            day = int(clock() // 86400)
+            self.usage = {name: _Usage(day=day, day_tokens=n) for name, n in read_ledger(self.ledger, day).items()}
+
+    def save(self) -> None:
+        """Write the day's token counts to the ledger (atomically), if they changed; a failure is one warning."""
+        if self.ledger is None or not self._dirty:
+            return
+        now = self.clock()
+        day = int(now // 86400)
+        tokens = {name: u.day_tokens for name, u in self.usage.items() if u.day == day and u.day_tokens}
+        self._dirty, self._saved_at = False, now
+        try:
+            atomic_write(self.ledger, json.dumps({"version": 1, "date": iso(day * 86400)[:10], "day": day,
+                                                  "tokens": tokens}, indent=1) + "\n")
+        except OSError as e:
+            if not self._warned:
+                self._warned = True
+                print(f"camelid: warning: cannot write the key usage ledger {self.ledger} ({e.strerror or e}): the day's "
+                      "token counts will start again if the server restarts", file=sys.stderr, flush=True)
 
     def _aged(self, key: Key, now: float) -> _Usage:
         u = self.usage.setdefault(key.name, _Usage())
@@ -118,6 +143,9 @@ class Limiter:
             u.tokens.append((now, tokens))
             u.window_tokens += tokens
             u.day_tokens += tokens
+            self._dirty = True
+            if now - self._saved_at >= self.save_every:
+                self.save()
 
     def headers(self, key: Key) -> list[tuple[bytes, bytes]]:
         """OpenAI's x-ratelimit-* headers for the key's per-minute limits."""
@@ -133,6 +161,21 @@ class Limiter:
             out += [("limit-tokens", key.tpm), ("remaining-tokens", max(0, key.tpm - u.window_tokens - u.reserved)),
                     ("reset-tokens", f"{reset:.0f}s")]
         return [(f"x-ratelimit-{k}".encode(), str(v).encode()) for k, v in out]
+
+
+def read_ledger(path: Path, day: int) -> dict[str, int]:
+    """{key name: tokens} charged on UTC day number `day`, from a ledger file (empty: none, another day, unreadable)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        print(f"camelid: warning: cannot read the key usage ledger {path} ({e}); the day's token counts start at 0",
+              file=sys.stderr, flush=True)
+        return {}
+    if not isinstance(data, dict) or data.get("day") != day or not isinstance(data.get("tokens"), dict):
+        return {}
+    return {name: n for name, n in data["tokens"].items() if isinstance(n, int) and not isinstance(n, bool) and n > 0}
 
 
 async def _send_error(send, r: Refusal, extra: list[tuple[bytes, bytes]] = ()) -> None:

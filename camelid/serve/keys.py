@@ -226,18 +226,15 @@ def read_keys(path: str | os.PathLike) -> dict[str, Key]:
     return parse_keys(text, str(path))
 
 
-def write_keys(path: str | os.PathLike, keys: dict[str, Key]) -> None:
-    """Replace the key file atomically (temporary file, fsync, rename, fsync of the folder); mode 0600 when new."""
+def atomic_write(path: str | os.PathLike, text: str) -> None:
+    """Replace a file atomically (temporary file, fsync, rename, fsync of the folder), keeping its mode (0600 when new).
+    OSError when it cannot."""
     path = Path(path)
-    text = json.dumps({"version": VERSION, "keys": [k.to_json() for k in keys.values()]}, indent=1) + "\n"
     try:
         mode = path.stat().st_mode & 0o777
     except FileNotFoundError:
         mode = 0o600
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise KeyFileError(f"{path}: cannot write the key file: {e.strerror or e}") from None
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -245,16 +242,25 @@ def write_keys(path: str | os.PathLike, keys: dict[str, Key]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise KeyFileError(f"{path}: cannot write the key file: {e.strerror or e}") from None
+        raise
     with contextlib.suppress(OSError, AttributeError):  # the rename itself survives a crash (POSIX)
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def write_keys(path: str | os.PathLike, keys: dict[str, Key]) -> None:
+    """Replace the key file atomically; mode 0600 when new."""
+    text = json.dumps({"version": VERSION, "keys": [k.to_json() for k in keys.values()]}, indent=1) + "\n"
+    try:
+        atomic_write(path, text)
+    except OSError as e:
+        raise KeyFileError(f"{path}: cannot write the key file: {e.strerror or e}") from None
 
 
 @contextlib.contextmanager
@@ -363,6 +369,11 @@ class KeyStore:
         self._seen = self._stat()
         self._load(read_keys(self.path))  # at start a bad file is an error (one line, no server)
         self._checked = clock()
+
+    @property
+    def ledger(self) -> Path:
+        """Where the server keeps the day's token counts of each key (beside the key file)."""
+        return self.path.with_name(self.path.name + ".usage")
 
     def _stat(self):
         try:
