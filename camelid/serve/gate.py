@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .keys import DEFAULT_KEY, Key, KeyStore, atomic_write, endpoint_of, iso
+from .keys import DEFAULT_ENDPOINTS, DEFAULT_KEY, Key, KeyStore, atomic_write, endpoint_of, iso
 
 WINDOW = 60.0
 OPEN_PATHS = {"/health", "/"}  # no key needed: liveness, and the static chat page (it holds no data)
@@ -240,8 +240,9 @@ class KeysMiddleware:
             return await self.app(scope, receive, send)
         endpoint = endpoint_of(scope["path"])
         if endpoint is not None and not key.allows_endpoint(endpoint):
-            refusal = Refusal(403, f"the key {key.name!r} may not use {scope['path']} (its endpoints: "
-                              f"{', '.join(key.endpoints or ())})", "endpoint_not_allowed", "permission_error", "endpoint")
+            allowed = ", ".join(key.endpoints if key.endpoints is not None else DEFAULT_ENDPOINTS)
+            refusal = Refusal(403, f"the key {key.name!r} may not use {scope['path']} (its endpoints: {allowed})",
+                              "endpoint_not_allowed", "permission_error", "endpoint")
             self._count("key_refusals", key=key.name, reason="endpoint")
             return await _send_error(send, refusal)
         reserve = 0
