@@ -398,6 +398,9 @@ class KeyStore:
             self._load(read_keys(self.path))
             self.reloads += 1
             self.problem = None
+            active = sum(k.status(now) == "active" for k in self.keys.values())
+            print(f"camelid: re-read the key file {self.path}: {len(self.keys)} keys, {active} active", file=sys.stderr,
+                  flush=True)
         except KeyFileError as e:
             self.problem = str(e)
             print(f"camelid: warning: the key file changed but cannot be used; keeping the last good keys: {e}",
