@@ -8,7 +8,8 @@
 Limits of a key, each over its own window (`clock` is injectable, so tests step time instead of sleeping):
     rpm           requests admitted in the last 60 s (sliding): the Nth passes, the N+1th waits for the oldest to age out
     tpm           tokens in the last 60 s: a request is admitted while the key's charged tokens (usage.total_tokens of
-                  requests that ended) plus the max_tokens reserved by its requests in flight are under N
+                  requests that ended) plus the max_tokens reserved by its requests in flight are under N (a minute can
+                  pass N by the last admitted request and the prompts in flight: prompts are counted once tokenized)
     concurrency   requests of the key in flight at once
     daily_tokens  as tpm, over the UTC calendar day (Retry-After: until the next UTC midnight); the day's counts
                   are kept in a ledger file beside the key file (KEYS.usage, written atomically at most once a second
