@@ -484,7 +484,7 @@ def verify(path: str | os.PathLike, public_key: str | os.PathLike | None = None)
     except OSError as e:
         raise AuditError(f"cannot read {path}: {e.strerror}") from None
     with f:
-        for i, raw in enumerate(f, 1):
+        for i, (raw, following) in enumerate(_with_next(f), 1):
             rep.lines = i
             line = raw[:-1] if raw.endswith(b"\n") else raw
             if not raw.endswith(b"\n"):
@@ -511,10 +511,15 @@ def verify(path: str | os.PathLike, public_key: str | os.PathLike | None = None)
                 return bad(i, f"line {i} says it is line {rec.get('seq')}: lines before it were deleted, inserted or "
                               "moved (or it was edited)")
             if rec.get("prev") != prev:
-                if last is not None and last.get("type") == "checkpoint" and rep.signed_through == i - 1:
-                    return bad(i, f"line {i} does not follow the signed line {i - 1} (its 'prev' was edited)")
                 if i == 1:
                     return bad(1, "line 1 does not start a log (its 'prev' is not zero)")
+                after = _prev_of(following)
+                if last is not None and last.get("type") == "checkpoint" and rep.signed_through == i - 1:
+                    return bad(i, f"line {i} does not follow the signed line {i - 1}: it was changed or put there")
+                if after is not None and after == prev:
+                    return bad(i, f"line {i} was put between lines {i - 1} and {i + 1}, which link to each other")
+                if after is not None and after != line_hash(line):
+                    return bad(i, f"line {i} was changed: it links to neither line {i - 1} nor line {i + 1}")
                 return bad(i - 1, f"line {i - 1} was changed: it no longer hashes to the 'prev' that line {i} holds")
             kind = rec.get("type")
             if kind == "request":
@@ -561,6 +566,23 @@ def verify(path: str | os.PathLike, public_key: str | os.PathLike | None = None)
                        "(the server is running, or was killed): intact as far as they go, but could have been changed "
                        "or cut by whoever can write the file")
     return rep
+
+
+def _with_next(f):
+    """Each raw line of a binary file with the raw line after it (b"" after the last)."""
+    line = f.readline()
+    while line:
+        following = f.readline()
+        yield line, following
+        line = following
+
+
+def _prev_of(raw: bytes) -> str | None:
+    try:
+        rec = json.loads(raw)
+    except ValueError:
+        return None
+    return rec.get("prev") if isinstance(rec, dict) and isinstance(rec.get("prev"), str) else None
 
 
 # --- reading ---
