@@ -136,7 +136,9 @@ def cmd_show(args: argparse.Namespace) -> None:
         tokens = rec.get("tokens") or {}
         tok = f"{tokens.get('prompt_tokens', '-')}/{tokens.get('completion_tokens', '-')}" if tokens else "-"
         ms = f"{rec['latency_ms']:.1f}" if isinstance(rec.get("latency_ms"), (int, float)) else "-"
-        finish = ",".join(str(f) for f in rec.get("finish_reason") or []) or ("gone" if rec.get("client_gone") else "-")
+        finish = ",".join(str(f) for f in rec.get("finish_reason") or [] if f) or "-"
+        if rec.get("client_gone"):
+            finish += " (client gone)"
         print(f"{line:>6} {t:24} {str(rec.get('key') or '-'):12.12} {str(rec.get('status')):>6} "
               f"{str(rec.get('endpoint')):22.22} {str(rec.get('model') or '-'):20.20} {tok:>9} "
               f"{ms:>8}  {finish} {_verdicts(rec)}")
