@@ -127,6 +127,28 @@ def test_audit_text_stores_prompt_and_answer(tiny, tmp_path):
     assert rec["prompt_hmac"] == key.keyed_hash(rec["prompt"]) and rec["answer_hmac"] == key.keyed_hash(answer)
 
 
+def test_pending_records_are_signed_while_serving_and_counted_on_metrics(tiny, tmp_path, monkeypatch):
+    import time
+
+    import camelid.audit
+    import camelid.serve.audit
+
+    monkeypatch.setattr(camelid.audit, "CHECKPOINT_SECONDS", 0.2)
+    monkeypatch.setattr(camelid.serve.audit, "CHECKPOINT_SECONDS", 0.2)
+    path = tmp_path / "audit.log"
+    with _serve(tiny, AuditLog(path, fsync="always")) as client:
+        for _ in range(2):
+            assert client.post("/tokenize", json={"content": "a"}).status_code == 200
+        deadline = time.time() + 60
+        while verify(path).status != "ok" and time.time() < deadline:  # the ticker signs the two records
+            time.sleep(0.05)
+        rep = verify(path)
+        assert rep.status == "ok" and not rep.closed and rep.records == 2
+        text = client.get("/metrics").text
+        assert "camelid_audit_records_total 2" in text and "camelid_audit_unsigned_records 0" in text
+        assert "camelid_audit_failed 0" in text
+
+
 def test_an_unwritable_log_stops_the_server(tiny, tmp_path):
     """A log that cannot be written: the server refuses (503) rather than serve unlogged."""
     import os
@@ -141,6 +163,7 @@ def test_an_unwritable_log_stops_the_server(tiny, tmp_path):
         r = client.post("/tokenize", json={"content": "c"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "audit_unavailable"
         assert client.get("/health").status_code == 200
+        assert "camelid_audit_failed 1" in client.get("/metrics").text
 
 
 @pytest.mark.slow

@@ -243,6 +243,8 @@ def serve(model_path: str | None = None, host: str = DEFAULT_HOST, port: int = D
 
         log = AuditLog(**audit)
         atexit.register(log.close)
+        print(f"camelid: audit log {log.path}, signed by {log.key.id} (public key {log.pub_path}: keep a copy "
+              "elsewhere to verify against)", file=sys.stderr)
     registry = None
     if models:
         options.pop("model_id", None)

@@ -585,8 +585,9 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None, regist
                                      allow_headers=["Authorization", "Content-Type"]))
     middleware.append(Middleware(CountRequests, metrics=state.metrics, endpoints={r.path for r in routes}))
     if audit is not None:  # the audit log: one record per request, outside auth so refusals are logged too
-        from .audit import AuditMiddleware
+        from .audit import AuditMiddleware, add_metrics
 
+        add_metrics(state.metrics, audit)
         middleware.append(Middleware(AuditMiddleware, log=audit))
     middleware.append(Middleware(ApiKeyMiddleware, api_key=state.api_key))
 

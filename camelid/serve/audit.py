@@ -138,6 +138,19 @@ class AuditMiddleware:
         await self.app(scope, receive, lifespan_send)
 
 
+def add_metrics(metrics, log: AuditLog) -> None:
+    """The audit log's families on /metrics: records written, records not yet signed, and whether it failed."""
+    from .metrics import Gauge, ReadCounter
+
+    metrics.gauges += [
+        ReadCounter("camelid_audit_records_total", "request records written to the audit log", lambda: log.records),
+        Gauge("camelid_audit_unsigned_records", "audit log lines written since its last signed checkpoint",
+              lambda: log.since_checkpoint),
+        Gauge("camelid_audit_failed", "1 when the audit log cannot be written (the server then refuses requests)",
+              lambda: int(bool(log.failed))),
+    ]
+
+
 async def _unavailable(why: str, scope, receive, send) -> None:
     body = json.dumps({"error": {"message": f"the server cannot write its audit log, so it serves nothing: {why}",
                                  "type": "server_error", "param": None, "code": "audit_unavailable"}}).encode()
