@@ -172,8 +172,8 @@ def load_public_key(path: str | os.PathLike):
         raise AuditError(f"no public key file {path} (give the log's public key with --public-key)") from None
     except OSError as e:
         raise AuditError(f"cannot read {path}: {e.strerror}") from None
-    except ValueError as e:
-        raise AuditError(f"{path} is not a PEM public key ({e})") from None
+    except ValueError:
+        raise AuditError(f"{path} is not a PEM public key") from None
     if not isinstance(public, _ed25519().Ed25519PublicKey):
         raise AuditError(f"{path} is not an Ed25519 public key")
     return public
@@ -225,6 +225,9 @@ class AuditLog:
         self.records = 0  # request records written by this process
         if not self.path.parent.is_dir():
             raise AuditError(f"--audit-log {self.path}: no such folder {self.path.parent}")
+        if self.path.exists() and self.path.stat().st_size and not self.key_path.exists():
+            raise AuditError(f"the audit log {self.path} exists but its key {self.key_path} does not: give its "
+                             "--audit-key, or start a new log")
         self.key = load_key(self.key_path, create=True)
         self._open()
 
@@ -606,15 +609,20 @@ def parse_since(value: str) -> str:
 
 
 def read_records(path: str | os.PathLike):
-    """Yield (line number, record or None when the line is not one) for every line of a log."""
+    """An iterator of (line number, record or None when the line is not one) over a log's lines; the file is opened
+    at once (AuditError if it cannot be)."""
     try:
         f = open(path, "rb")
     except OSError as e:
         raise AuditError(f"cannot read {path}: {e.strerror}") from None
-    with f:
-        for i, raw in enumerate(f, 1):
-            try:
-                rec = json.loads(raw)
-            except ValueError:
-                rec = None
-            yield i, rec if isinstance(rec, dict) else None
+
+    def lines():
+        with f:
+            for i, raw in enumerate(f, 1):
+                try:
+                    rec = json.loads(raw)
+                except ValueError:
+                    rec = None
+                yield i, rec if isinstance(rec, dict) else None
+
+    return lines()

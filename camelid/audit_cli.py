@@ -113,11 +113,12 @@ def cmd_show(args: argparse.Namespace) -> None:
     if args.match is not None:
         key = load_key(args.audit_key or sibling(args.file, ".key"))
         wanted = key.keyed_hash(args.match)
+    rows = read_records(args.file)
     if not args.json:
         print(f"{'LINE':>6} {'TIME':24} {'KEY':12} {'STATUS':>6} {'ENDPOINT':22} {'MODEL':20} {'TOKENS':>9} "
               f"{'MS':>8}  FINISH / VERDICTS")
     skipped = []
-    for line, rec in read_records(args.file):
+    for line, rec in rows:
         if rec is None:
             skipped.append(line)
             continue

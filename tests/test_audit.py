@@ -103,6 +103,13 @@ def test_restart_continues_the_chain_and_a_second_writer_is_refused(tmp_path):
     rep = verify(path)
     assert (rep.status, rep.records, rep.closed) == ("ok", 4, True)
     assert [json.loads(r)["type"] for r in lines(path)].count("start") == 3
+    load_key(tmp_path / "new.key", create=True)
+    with pytest.raises(AuditError, match="another key"):
+        AuditLog(path, key_path=tmp_path / "new.key")  # (the head file names the log's key)
+    path.with_name("a.log.key").rename(tmp_path / "moved.key")
+    with pytest.raises(AuditError, match="exists but its key"):
+        AuditLog(path)
+    assert not path.with_name("a.log.key").exists()
 
 
 def test_a_record_torn_by_a_crash_is_where_the_log_stops_then_acknowledged_at_restart(tmp_path):
@@ -318,4 +325,6 @@ def test_user_mistakes_are_one_line(capsys, tmp_path):
     os.chmod(tmp_path / "x.log.key", 0o600)
     assert "not a camelid audit key" in error("serve", "--audit-log", str(tmp_path / "x.log"))
     os.unlink(tmp_path / "x.log.key")
+    assert "exists but its key" in error("serve", "--audit-log", str(tmp_path / "x.log"))
+    load_key(tmp_path / "x.log.key", create=True)
     assert "not a camelid audit log" in error("serve", "--audit-log", str(tmp_path / "x.log"))
