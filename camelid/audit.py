@@ -245,6 +245,9 @@ class AuditLog:
                 start["torn"] = torn
             self._append(start)
             self.since_checkpoint, self.last_checkpoint = 1, time.monotonic()
+        except OSError as e:  # a lock the filesystem does not support, a full disk, ...
+            os.close(self.fd)
+            raise AuditError(f"cannot write the audit log {self.path}: {e.strerror or e}") from None
         except BaseException:
             os.close(self.fd)
             raise
