@@ -264,13 +264,13 @@ class AuditLog:
     def _resume(self) -> dict | None:
         """Continue an existing log's chain; returns the `torn` note when its last line was cut by a crash."""
         size = os.fstat(self.fd).st_size
-        self.seq, self.prev = 0, ZERO
+        self.seq, self.prev, self.prefix = 0, ZERO, b""
         self._check_head(size)
         if size == 0:
             return None
         last, torn = _read_tail(self.fd, size)
         if len(torn) == size:  # the very first line was torn
-            self._write(b"\n")
+            self.prefix = b"\n"
             self.seq, self.prev = 1, line_hash(torn)
             return {"line": 1, "sha256": self.prev, "bytes": len(torn)}
         try:
@@ -284,7 +284,7 @@ class AuditLog:
         self.seq, self.prev = seq, line_hash(last)
         if not torn:
             return None
-        self._write(b"\n")  # end the torn line where it stops: it stays in the file, and in the chain
+        self.prefix = b"\n"  # the start line ends the torn one where it stops: it stays in the file, and in the chain
         self.seq, self.prev = seq + 1, line_hash(torn)
         return {"line": seq + 1, "sha256": self.prev, "bytes": len(torn)}
 
@@ -329,7 +329,8 @@ class AuditLog:
         if obj["type"] == "checkpoint":
             obj["sig"] = base64.b64encode(self.key.private.sign(signed_bytes(obj))).decode()
         line = dumps(obj)
-        self._write(line + b"\n")
+        self._write(self.prefix + line + b"\n")  # one write: a line is on disk whole, or is the torn last one
+        self.prefix = b""
         self.seq, self.prev = obj["seq"], line_hash(line)
         return obj
 

@@ -328,3 +328,12 @@ def test_user_mistakes_are_one_line(capsys, tmp_path):
     assert "exists but its key" in error("serve", "--audit-log", str(tmp_path / "x.log"))
     load_key(tmp_path / "x.log.key", create=True)
     assert "not a camelid audit log" in error("serve", "--audit-log", str(tmp_path / "x.log"))
+
+
+def test_a_log_whose_first_line_was_torn_restarts(tmp_path):
+    path = tmp_path / "a.log"
+    load_key(tmp_path / "a.log.key", create=True)
+    path.write_bytes(b'{"seq":1,"prev":"00')  # killed inside the very first write
+    AuditLog(path).close()
+    rep = verify(path)
+    assert rep.status == "ok" and rep.lines == 3 and "line 1 is a record torn by a crash" in rep.notes[0]
