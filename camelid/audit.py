@@ -296,6 +296,8 @@ class AuditLog:
             head = json.loads(self.head_path.read_text())
             offset, line = head["offset"], head["line"].encode()
             key = json.loads(line)["key"]
+            if not isinstance(offset, int) or offset < 0:
+                raise TypeError
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             raise AuditError(f"{self.head_path} is not a camelid audit head file; move it aside to start a new log") from None
         if key != self.key.id:
