@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -33,14 +34,36 @@ def records(path) -> list[dict]:
     return [r for r in map(json.loads, path.read_bytes().splitlines()) if r["type"] == "request"]
 
 
+@dataclass(frozen=True)
+class Key:
+    name: str
+    categories: tuple[str, ...] | None = None
+
+
+class MatchedKey:
+    """Stands in for the keys stage's match (the contract: scope["camelid.key"], a frozen object with a name), set
+    innermost, so only requests the authentication let through carry it."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            scope["camelid.key"] = Key("alice")
+        await self.app(scope, receive, send)
+
+
 def _serve(tiny, log: AuditLog):
+    from starlette.middleware import Middleware
     from starlette.testclient import TestClient
 
     from camelid.serve import build_state
     from camelid.serve.app import create_app
 
     state = build_state(str(tiny), api_key=KEY, max_concurrency=2, max_seq_len=128, model_id="tiny", cache_mb=0)
-    return TestClient(create_app(state, audit=log), headers={"Authorization": f"Bearer {KEY}"})
+    app = create_app(state, audit=log)
+    app.user_middleware.append(Middleware(MatchedKey))  # the innermost layer (the stack is built on first use)
+    return TestClient(app, headers={"Authorization": f"Bearer {KEY}"})
 
 
 def sse_text(lines) -> tuple[str, list, dict | None]:
@@ -99,7 +122,7 @@ def test_one_record_per_request_with_what_the_client_got(tiny, tmp_path):
     for rec, (rid, status, endpoint, answer, finish, usage, stream) in zip(recs, got):
         assert (rec["status"], rec["endpoint"], rec["method"], rec["stream"]) == \
             (status, endpoint, "GET" if endpoint == "/v1/models" else "POST", stream)
-        assert rec["key"] is None  # --api-key alone sets no key object: the keys stage names it (see the note)
+        assert rec["key"] == (None if status == 401 else "alice")
         assert rec["latency_ms"] >= 0 and rec["time"].endswith("Z")
         if rid is not None:
             assert rec["id"] == rid
