@@ -41,15 +41,15 @@ class Key:
 
 
 class MatchedKey:
-    """Stands in for the keys stage's match (the contract: scope["camelid.key"], a frozen object with a name), set
-    innermost, so only requests the authentication let through carry it."""
+    """Stands in for the keys stage where it is not there yet (the contract: with --api-key alone, scope["camelid.key"]
+    is a key named "default"); innermost, so only requests the authentication let through carry it."""
 
     def __init__(self, app) -> None:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
-            scope["camelid.key"] = Key("alice")
+            scope.setdefault("camelid.key", Key("default"))
         await self.app(scope, receive, send)
 
 
@@ -122,7 +122,7 @@ def test_one_record_per_request_with_what_the_client_got(tiny, tmp_path):
     for rec, (rid, status, endpoint, answer, finish, usage, stream) in zip(recs, got):
         assert (rec["status"], rec["endpoint"], rec["method"], rec["stream"]) == \
             (status, endpoint, "GET" if endpoint == "/v1/models" else "POST", stream)
-        assert rec["key"] == (None if status == 401 else "alice")
+        assert rec["key"] == (None if status == 401 else "default")
         assert rec["latency_ms"] >= 0 and rec["time"].endswith("Z")
         if rid is not None:
             assert rec["id"] == rid
