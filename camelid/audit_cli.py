@@ -105,7 +105,7 @@ def _verdicts(rec: dict) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    from .audit import load_key, parse_since, read_records, sibling
+    from .audit import dumps, load_key, parse_since, read_records, sibling
 
     since = parse_since(args.since) if args.since else None
     until = parse_since(args.until) if args.until else None
@@ -132,7 +132,7 @@ def cmd_show(args: argparse.Namespace) -> None:
         if wanted is not None and wanted not in (rec.get("prompt_hmac"), rec.get("answer_hmac")):
             continue
         if args.json:
-            print(json.dumps(rec))
+            print(dumps(rec).decode())  # the line as stored
             continue
         tokens = rec.get("tokens") or {}
         tok = f"{tokens.get('prompt_tokens', '-')}/{tokens.get('completion_tokens', '-')}" if tokens else "-"

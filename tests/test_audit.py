@@ -285,6 +285,7 @@ def test_show_filters(capsys, log_path):
     code, out = run_cli(capsys, "audit", "show", "--json", str(log_path))
     recs = [json.loads(x) for x in out.splitlines()]
     assert code == 0 and [r["i"] for r in recs] == list(range(7))
+    assert out.encode().splitlines() == [r for r in lines(log_path) if b'"type":"request"' in r]  # as stored
     _, out = run_cli(capsys, "audit", "show", "--json", "--key", "alice", str(log_path))
     assert [json.loads(x)["i"] for x in out.splitlines()] == [1, 3, 5]
     _, out = run_cli(capsys, "audit", "show", "--json", "--since", "2026-12-02", str(log_path))
@@ -337,3 +338,15 @@ def test_a_log_whose_first_line_was_torn_restarts(tmp_path):
     AuditLog(path).close()
     rep = verify(path)
     assert rep.status == "ok" and rep.lines == 3 and "line 1 is a record torn by a crash" in rep.notes[0]
+
+
+def test_show_match_finds_a_text_through_the_keyed_hashes(capsys, tmp_path):
+    path = tmp_path / "a.log"
+    log = AuditLog(path)
+    for i, (prompt, answer) in enumerate([("hello", "hi"), ("bye", "hello"), ("other", "text")]):
+        log.record({"i": i, "prompt_hmac": log.key.keyed_hash(prompt), "answer_hmac": log.key.keyed_hash(answer)})
+    log.close()
+    _, out = run_cli(capsys, "audit", "show", "--json", "--match", "hello", str(path))
+    assert [json.loads(x)["i"] for x in out.splitlines()] == [0, 1]
+    _, out = run_cli(capsys, "audit", "show", "--json", "--match", "hell", str(path))
+    assert out == ""
