@@ -547,10 +547,11 @@ def retrieval_routes() -> list[Route]:
             *(Route(p, leased(rerank), methods=["POST"]) for p in ("/v1/rerank", "/v2/rerank", "/rerank"))]
 
 
-def create_app(state: ServerState, cors_origins: list[str] | None = None, registry=None) -> Starlette:
+def create_app(state: ServerState, cors_origins: list[str] | None = None, registry=None, audit=None) -> Starlette:
     """The ASGI app. The engine is started and stopped with the app's lifespan.
 
-    registry (camelid/serve/registry.py): several models, `state` being the first (loaded) one."""
+    registry (camelid/serve/registry.py): several models, `state` being the first (loaded) one.
+    audit: a camelid.audit.AuditLog, written one record per request (camelid/serve/audit.py)."""
     routes = [
         Route("/", index),
         Route("/health", health),
@@ -570,6 +571,11 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None, regist
         middleware.append(Middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
                                      allow_headers=["Authorization", "Content-Type"]))
     middleware.append(Middleware(CountRequests, metrics=state.metrics, endpoints={r.path for r in routes}))
+    if audit is not None:  # the audit log: one record per request, outside auth so refusals are logged too
+        from .audit import AuditMiddleware, add_metrics
+
+        add_metrics(state.metrics, audit)
+        middleware.append(Middleware(AuditMiddleware, log=audit))
     # authenticate + limits (camelid/serve/gate.py): --api-key and --keys; sets scope["camelid.key"]
     limiter = Limiter(state.keys.clock, state.keys.ledger) if state.keys is not None else None
     middleware.append(Middleware(KeysMiddleware, api_key=state.api_key, store=state.keys, metrics=state.metrics,
