@@ -68,11 +68,33 @@ class BlockStore:
         self.bytes = 0
         self.hits = self.misses = self.evictions = 0  # requests that reused something / nothing; blocks evicted
         self.hit_tokens = 0
+        self.running: dict[object, int] = {}  # KV bytes the running requests hold, per engine (reserve())
         self.lock = threading.Lock()
 
     @property
     def enabled(self) -> bool:
         return self.capacity > 0
+
+    @property
+    def room(self) -> int:
+        """Bytes the cached blocks may take: the budget less what running requests' KV holds."""
+        return self.capacity - sum(self.running.values())
+
+    def reserve(self, owner: object, nbytes: int) -> None:
+        """The running requests of `owner` (an engine) hold nbytes of KV now: they count against the same budget, so
+        cached blocks are evicted (least recently used first) until blocks and running KV fit together."""
+        with self.lock:
+            if nbytes:
+                self.running[owner] = nbytes
+            else:
+                self.running.pop(owner, None)
+            self._evict_to(self.room)
+
+    def _evict_to(self, limit: int) -> None:
+        while self.blocks and self.bytes > limit:
+            _, old = self.blocks.popitem(last=False)
+            self.bytes -= old.nbytes
+            self.evictions += 1
 
     def get(self, key: bytes) -> Block | None:
         with self.lock:
@@ -82,16 +104,13 @@ class BlockStore:
             return block
 
     def put(self, key: bytes, block: Block) -> None:
-        if block.nbytes > self.capacity:
-            return
         with self.lock:
+            if block.nbytes > self.room:
+                return
             if key in self.blocks:
                 self.blocks.move_to_end(key)
                 return
-            while self.bytes + block.nbytes > self.capacity:
-                _, old = self.blocks.popitem(last=False)
-                self.bytes -= old.nbytes
-                self.evictions += 1
+            self._evict_to(self.room - block.nbytes)
             self.blocks[key] = block
             self.bytes += block.nbytes
 

@@ -48,6 +48,27 @@ def test_store_evicts_least_recently_used_within_its_bytes():
     assert not off.enabled and len(off) == 0
 
 
+def test_running_requests_kv_counts_against_the_same_budget():
+    block = lambda: Block(torch.zeros(1000, dtype=torch.float32), "m")  # noqa: E731  4000 bytes
+    store = BlockStore(10_000)
+    for key in (b"a", b"b"):
+        store.put(key, block())
+    engine_1, engine_2 = object(), object()
+    store.reserve(engine_1, 3_000)  # 8000 + 3000 > 10000: the least recently used block goes
+    assert set(store.blocks) == {b"b"} and store.bytes + 3_000 <= store.capacity
+    store.reserve(engine_2, 2_000)  # 4000 + 5000 fit: b stays
+    assert set(store.blocks) == {b"b"}
+    store.put(b"c", block())  # 4000 + 4000 + 5000 > 10000: b goes to make room for c
+    assert set(store.blocks) == {b"c"} and store.room == 5_000
+    store.reserve(engine_2, 6_500)  # no room left for c
+    assert len(store) == 0 and store.bytes == 0
+    store.put(b"d", block())  # nor for a new block
+    assert len(store) == 0
+    store.reserve(engine_1, 0)
+    store.reserve(engine_2, 0)
+    assert store.room == store.capacity and not store.running
+
+
 def test_salt_adapter_and_model_keep_chains_apart():
     store = BlockStore(1 << 30)
     cache = KVCache.allocate(2, 1, 64, 1, 4)
@@ -156,3 +177,53 @@ def test_templates_that_defeat_reuse_are_named():
     assert "date" in prefix_reuse_problem(dated)
     assert "tool list" in prefix_reuse_problem(tools)
     assert "earlier turns" in prefix_reuse_problem(last_only)
+
+
+@pytest.mark.slow
+def test_two_conversations_interleaved_under_a_small_budget_answer_as_alone(fast):
+    """Two chats, turns interleaved (a1 b1 a2 b2 a3 b3), with a budget below what both hold: each answer equals the
+    cache-off answer, the cache still reuses turns, and cached blocks plus running KV never pass the budget."""
+    tok = fast.tokenizer
+    systems = ["You answer questions about boats. " * 6, "You answer questions about birds. " * 6]
+    questions_of = [["Name a boat.", "How big is it?", "Who sails it?"], ["Name a bird.", "What does it eat?", "Where?"]]
+
+    def chat(engine) -> tuple[list[list[int]], list[int]]:
+        histories = [[{"role": "system", "content": s}] for s in systems]
+        answers, cached = [], []
+        for turn in range(3):
+            for c in range(2):
+                histories[c].append({"role": "user", "content": questions_of[c][turn]})
+                ids = fast.encode_chat(histories[c])
+                (out,), (hit,) = run(engine, [ids], 8, tok.stop_ids)
+                answers.append(out)
+                cached.append(hit)
+                histories[c].append({"role": "assistant", "content": tok.decode(out)})
+        return answers, cached
+
+    off = Engine(fast.model, tok, max_concurrency=2, max_seq_len=512, prefill_chunk=64)
+    off.start()
+    try:
+        want, _ = chat(off)
+    finally:
+        off.stop()
+    probe = Engine(fast.model, tok, max_concurrency=2, max_seq_len=512, prefill_chunk=64)
+    per_token = sum(nbytes for _, nbytes in probe._kv_per_position)
+    store = BlockStore(260 * per_token)  # one conversation's turns fit beside a running request; both do not
+    seen = []
+    put = store.put
+
+    def watched_put(key, block):
+        put(key, block)
+        seen.append(store.bytes + sum(store.running.values()))
+
+    store.put = watched_put
+    on = Engine(fast.model, tok, max_concurrency=2, max_seq_len=512, prefill_chunk=64,
+                prompt_cache=PromptCache(store, "default", 64, 16))
+    on.start()
+    try:
+        got, cached = chat(on)
+    finally:
+        on.stop()
+    assert got == want
+    assert store.evictions > 0 and any(cached[2:])  # the budget bit, and later turns still reused something
+    assert seen and max(seen) <= store.capacity

@@ -103,6 +103,8 @@ class Engine:
         self._fills: deque[tuple[list[int], str | None, str | None]] = deque(maxlen=max_concurrency)
         self.device = model.device
         self.cache = KVCache.for_model(model, max_concurrency, self.max_seq_len)
+        # per layer (slots, bytes per position of one row): the running rows' KV counts against --cache-mb
+        self._kv_per_position = [(k.shape[2], 2 * k[0, :, 0].numel() * k.element_size()) for k in self.cache.k]
         self.rows: list[Sequence_ | None] = [None] * max_concurrency
         self.waiting: deque[Sequence_] = deque()
         self.jobs: deque[tuple[Callable[[], object], str | None, Future]] = deque()  # see call()
@@ -258,14 +260,23 @@ class Engine:
                 if end > self.prompt_cache.reusable_end(len(s.prompt)):
                     self._fills.append((tokens[:end], s.adapter, s.salt))
             s.emit(event)
+        self._reserve()
 
     def _start_fill(self) -> None:
         """Put the newest finished reply back into row 0 as a background prefill. Holds self.cond."""
         tokens, adapter, salt = self._fills.pop()
         self.rows[0] = Sequence_(tokens, 0, _ignore, adapter=adapter, salt=salt, background=True, slot=0)
 
+    def _reserve(self) -> None:
+        """Tell the prompt cache's store how many bytes of KV the running rows hold now."""
+        if self.prompt_cache.enabled:
+            held = sum(min(s.pos, slots) * nbytes for s in self.rows if s is not None
+                       for slots, nbytes in self._kv_per_position)
+            self.prompt_cache.store.reserve(self, held)
+
     @torch.inference_mode()
     def _step(self) -> None:
+        self._reserve()
         self.steps += 1
         decoding = [b for b, s in enumerate(self.rows) if s is not None and s.pending is not None]
         if decoding:
