@@ -90,6 +90,12 @@ class Metrics:
         self.completion_tokens = Counter("camelid_completion_tokens_total", "generated tokens of finished requests")
         self.latency = Histogram("camelid_request_latency_seconds", "time from request to last token (generation endpoints)")
         self.ttft = Histogram("camelid_time_to_first_token_seconds", "time from request to first token")
+        # the content policy (camelid/serve/policy.py)
+        self.policy_blocks = Counter("camelid_policy_blocks_total", "requests or answers blocked, by key, stage and "
+                                     "category (a guard category code, or the rule's name)")
+        self.policy_verdicts = Counter("camelid_policy_verdicts_total", "policy hits by stage, source and action")
+        self.guard_latency = Histogram("camelid_guard_latency_seconds", "time of one guard model check")
+        self.guard_failures = Counter("camelid_guard_failures_total", "guard checks that failed (the request failed closed)")
         self.gauges = [
             Gauge("camelid_queue_depth", "sequences waiting for a slot", lambda: engine.queued),
             Gauge("camelid_running_sequences", "sequences holding a slot", lambda: engine.active),
@@ -110,6 +116,7 @@ class Metrics:
 
     def render(self) -> str:
         lines: list[str] = []
-        for m in (self.requests, self.prompt_tokens, self.completion_tokens, self.latency, self.ttft, *self.gauges):
+        for m in (self.requests, self.prompt_tokens, self.completion_tokens, self.latency, self.ttft, *self.gauges,
+                  self.policy_blocks, self.policy_verdicts, self.guard_latency, self.guard_failures):
             lines += m.render()
         return "\n".join(lines) + "\n"
