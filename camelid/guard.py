@@ -204,7 +204,10 @@ class Guard:
             logits = self._forward([tok], pos, cache)
             pos += 1
         text = self.tokenizer.decode(answer)
-        unsafe, listed = parse_verdict(text, [c.code for c in cats])
+        listed = parse_verdict(text, list(self.categories))[1]
+        checked = {c.code for c in cats}
+        listed = [c for c in listed if c in checked]  # a code switched off for this request is not a hit
+        unsafe = bool(listed)
         scores = self._scores(ids, decision, p_unsafe, cats, cache)
         return Verdict(unsafe, listed, p_unsafe, scores, text, time.perf_counter() - start)
 
