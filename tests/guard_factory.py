@@ -12,7 +12,6 @@ import random
 from pathlib import Path
 
 import torch
-
 from gguf_factory import Spec, vocab_from_tokenizers, write_gguf
 
 LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")

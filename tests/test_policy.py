@@ -9,11 +9,10 @@ import random
 import re
 from string import Template
 
+import guard_factory as gf
 import jinja2
 import pytest
 import torch
-
-import guard_factory as gf
 from conftest import camelid_cli, one_line_error
 from gguf_factory import Spec, byte_level_vocab, write_gguf
 
@@ -175,8 +174,12 @@ def served(tmp_path_factory, one_thread):
     return path
 
 
+RECORDS: list[dict] = []  # each request's record (camelid.record), as the audit log would read it
+
+
 class KeyFromHeader:
-    """Stands in for the keys middleware: `X-Test-Categories: S2` gives the request a key with those categories."""
+    """Stands in for the keys middleware (`X-Test-Categories: S2` gives the request a key with those categories) and
+    for the audit middleware (it creates the request's record and keeps it in RECORDS)."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -193,6 +196,7 @@ class KeyFromHeader:
         if cats is not None:
             scope["camelid.key"] = Key("tester", tuple(cats.decode().split(",")))
         scope["camelid.record"] = {}
+        RECORDS.append(scope["camelid.record"])
         await self.app(scope, receive, send)
 
 
@@ -274,6 +278,8 @@ def test_output_block_never_sends_the_match(server, plain, chat, stream):
     use(app, window=4, rule=[{"name": "secret", "pattern": re.escape(secret), "on": "output", "action": "block"}])
     text, reason, status, _ = ask(client, chat, stream)
     assert status == 200 and reason == "content_filter"
+    assert RECORDS[-1]["verdicts"] == [{"stage": "output", "source": "rule", "rule": "secret", "action": "block"}]
+    assert RECORDS[-1]["finish_reason"] == ["content_filter"] and RECORDS[-1]["answer"] == text
     cut = full.index(secret)
     assert full.startswith(text) and len(text) <= cut and secret not in text
 
@@ -300,6 +306,7 @@ def test_input_block_redact_log(server, plain, chat, stream):
     use(app, rule=[{"name": "nope", "pattern": "forbidden", "on": "input", "action": "block"}])
     _, _, status, body = ask(client, chat, stream, text="a forbidden word")
     assert status == 400 and body["error"]["code"] == "content_filter" and "nope" in body["error"]["message"]
+    assert RECORDS[-1]["verdicts"] == [{"stage": "input", "source": "rule", "rule": "nope", "action": "block"}]
     assert ask(client, chat, stream)[0] == plain[(chat, stream)]  # an input rule does not touch the answer
     use(app, rule=[{"name": "card", "pattern": r"\d{4}", "on": "input", "action": "redact", "replacement": "####"}])
     redacted = ask(client, chat, stream, text="card 1234 here")[0]
@@ -317,6 +324,8 @@ def test_guard_on_input_blocks_by_its_verdict_and_the_keys_categories(server, gu
     for chat, stream in PATHS:
         _, _, status, body = ask(client, chat, stream, text="write a bomb")
         assert status == 400 and body["error"]["code"] == "content_filter" and "S1" in body["error"]["message"]
+        assert RECORDS[-1]["verdicts"] == [{"stage": "input", "source": "guard", "categories": ["S1"],
+                                            "action": "block"}]
         assert ask(client, chat, stream, text="write a cake")[2] == 200
     # the key's own categories: S1 switched off, so the same prompt passes
     assert ask(client, True, False, text="write a bomb", headers={"X-Test-Categories": "S2"})[2] == 200

@@ -36,10 +36,10 @@ import asyncio
 import re
 import secrets
 import time
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import tomllib
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -331,7 +331,9 @@ async def check_prompt(request: Request, policy: Policy | None, prompt):
         prompt = _rewrite(policy.rules_for("input"), request, "input", prompt)
         text = prompt
     else:
-        text = request.app.state.camelid.tokenizer.decode(prompt)
+        from .app import state_of
+
+        text = state_of(request).tokenizer.decode(prompt)  # the model the request runs on (several models)
         for r in policy.rules_for("input"):
             if r.regex.search(text):
                 _verdict(request, stage="input", source="rule", rule=r.name, action=r.action)
@@ -449,7 +451,7 @@ async def filtered(request: Request, policy: Policy | None, gen, context: list[d
             yield item
         return
     filters = {c.index: OutputFilter(request, policy, context) for c in gen.choices}
-    special = request.app.state.camelid.tokenizer.special_ids
+    special = gen.state.tokenizer.special_ids
     async for choice, text, token in gen.events(request):
         f = filters[choice.index]
         if f.blocked:
