@@ -44,19 +44,18 @@ test-fast: setup $(VENV)/.browser $(VENV)/.llama-cpp
 lint: setup
 	$(BIN)/ruff check camelid tests bench
 
-# llama.cpp for the comparison, built for this CPU's AVX-512 without AMX (its AMX build crashes on our machines);
-# override LLAMA_CMAKE_ARGS on other CPUs. It replaces the portable test build in .venv (the tests pass on either).
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
-	-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
-
+# llama.cpp for the comparison, built for the instruction sets this CPU has (read from /proc/cpuinfo by the script),
+# AMX off (its AMX build crashes on our machines); set LLAMA_CMAKE_ARGS to choose others. It replaces the portable
+# test build in .venv (the tests pass on either).
 $(VENV)/.bench: $(VENV)/.installed
-	LLAMA_CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" scripts/llama-cpp-peer.sh $(BIN)/pip native server
+	scripts/llama-cpp-peer.sh $(BIN)/pip native server
+	scripts/llama-cpp-tools.sh $(BIN)/pip  # llama-bench, llama-server (-np), llama-perplexity: the issues' peers
 	$(BIN)/pip install --quiet -e '.[bench]'
 	touch $@
 
 # the README's performance figures: camelid and its peers on the default model, same file, same threads, one run
 bench: $(VENV)/.bench
-	LLAMA_CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" scripts/llama-cpp-peer.sh $(BIN)/pip native server  # cached: seconds
+	scripts/llama-cpp-peer.sh $(BIN)/pip native server  # cached: seconds
 	$(BIN)/camelid bench --vs llama.cpp --vs transformers
 
 clean:

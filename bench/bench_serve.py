@@ -1,5 +1,6 @@
 """Aggregate decode throughput of `camelid serve` at 1, 4, 8 and 16 concurrent streams, next to llama.cpp's
-server (llama-cpp-python[server]) on the same GGUF, both measured in this run on this machine.
+server on the same GGUF, both measured in this run on this machine: llama.cpp's own llama-server with as many parallel
+slots as the most streams (`-np`) when scripts/llama-cpp-tools.sh has built it, else llama-cpp-python's server.
 
     python bench/bench_serve.py [--model PATH] [--max-tokens 64] [--repeats 3] [--concurrency 1 4 8 16]
 
@@ -12,6 +13,7 @@ time, median over repeats. The peer is skipped, with a note, when llama_cpp is n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import statistics
@@ -60,6 +62,48 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(30)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@contextlib.contextmanager
+def serving(cmd_for, env: dict):
+    """A server started from cmd_for(port) on a free loopback port, up until the block ends: yields its base URL."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start(cmd_for(port), base, env)
+    try:
+        yield base
+    finally:
+        stop(proc)
+
+
+def camelid_server(gguf: str, *flags: str):
+    return lambda port: [sys.executable, "-m", "camelid.serve", gguf, "--port", str(port), "--model-id", "m",
+                         "--log-level", "warning", *flags]
+
+
+def llama_cpp_server(gguf: str, threads: int, n_ctx: int, slots: int = 1):
+    """The llama.cpp peer's server command: llama.cpp's own llama-server (with `slots` parallel sequences) when
+    scripts/llama-cpp-tools.sh has built it, else llama-cpp-python's server (one sequence at a time); None, with a
+    note, when neither is installed."""
+    binary = llama_server_binary()
+    if binary:
+        return lambda port: [binary, "-m", gguf, "--port", str(port), "--host", "127.0.0.1", "-c", str(n_ctx * slots),
+                             "-np", str(slots), "-t", str(threads), "--alias", "m", "--log-disable"]
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama.cpp peer skipped: neither llama-server (scripts/llama-cpp-tools.sh) nor llama_cpp is installed")
+        return None
+    return lambda port: [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port), "--host",
+                         "127.0.0.1", "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--model_alias", "m"]
+
+
+def llama_server_binary() -> str | None:
+    import shutil
+
+    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "camelid"
+    found = sorted(home.glob("llama.cpp-*-bin/llama-server"))
+    return str(found[-1]) if found else shutil.which("llama-server")
 
 
 def level(base: str, model: str, concurrency: int, requests: int, max_tokens: int) -> tuple[float, int]:
@@ -123,28 +167,12 @@ def main() -> None:
           f"median of {args.repeats}; {args.threads} threads; {os.cpu_count()} cores")
     results: dict[str, dict[int, float]] = {}
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = start([sys.executable, "-m", "camelid.serve", gguf, "--port", str(port), "--max-concurrency", str(slots),
-                  "--max-seq-len", "512", "--model-id", "m", "--log-level", "warning"], base, env)
-    try:
+    with serving(camelid_server(gguf, "--max-concurrency", str(slots), "--max-seq-len", "512"), env) as base:
         results["camelid"] = measure("camelid", base, "m", args)
-    finally:
-        stop(proc)
-
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        print("llama.cpp peer skipped: llama_cpp not installed (pip install 'camelid[bench]')")
-    else:
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        proc = start([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port), "--host", "127.0.0.1",
-                      "--n_ctx", "2048", "--n_threads", str(args.threads), "--model_alias", "m"], base, env)
-        try:
+    peer = llama_cpp_server(gguf, args.threads, 512, slots)
+    if peer is not None:
+        with serving(peer, env) as base:
             results["llama.cpp"] = measure("llama.cpp", base, "m", args)
-        finally:
-            stop(proc)
 
     print("\n| streams | camelid tok/s | x single | llama.cpp server tok/s | camelid / llama.cpp |")
     print("|---|---|---|---|---|")
@@ -165,32 +193,17 @@ def prompt_cache_main(gguf: str, args) -> None:
     results: dict = {"prefix": {}, "turns": {}, "throughput": {}}
     servers = [("camelid cache on", ["--cache-mb", "1024"]), ("camelid cache off", ["--cache-mb", "0"])]
     for name, flags in servers:
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        proc = start([sys.executable, "-m", "camelid.serve", gguf, "--port", str(port), "--max-concurrency", "8",
-                      "--max-seq-len", "2048", "--model-id", "m", "--log-level", "warning", *flags], base, env)
-        try:
+        with serving(camelid_server(gguf, "--max-concurrency", "8", "--max-seq-len", "2048", *flags), env) as base:
             pc.throughput(base, "m", 2, 4)  # warm up
             results["prefix"][name] = pc.shared_prefix(base, "m")
             results["turns"][name] = pc.chat_turns(base, "m")
             results["throughput"][name] = [pc.throughput(base, "m") for _ in range(args.repeats)]
             print(name, results["prefix"][name], results["turns"][name], results["throughput"][name], flush=True)
-        finally:
-            stop(proc)
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        print("llama.cpp peer skipped: llama_cpp not installed (pip install 'camelid[bench]')")
-    else:
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        proc = start([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port), "--host", "127.0.0.1",
-                      "--n_ctx", "4096", "--n_threads", str(args.threads), "--model_alias", "m"], base, env)
-        try:
+    peer = llama_cpp_server(gguf, args.threads, 4096)
+    if peer is not None:
+        with serving(peer, env) as base:
             results["prefix"]["llama.cpp server"] = pc.shared_prefix(base, "m")
             print("llama.cpp", results["prefix"]["llama.cpp server"], flush=True)
-        finally:
-            stop(proc)
     pc.report(results)
 
 

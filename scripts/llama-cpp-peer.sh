@@ -2,18 +2,19 @@
 # Install llama-cpp-python (the llama.cpp peer) into a virtual environment from a wheel built once and cached.
 #   scripts/llama-cpp-peer.sh PIP FLAVOUR [EXTRA]
 # FLAVOUR portable: a build for any x86-64 CPU (no AVX or later: the interop tests' peer, slow but runs anywhere);
-# FLAVOUR native: AVX-512 without AMX, as `make bench` measures it (override with LLAMA_CMAKE_ARGS).
+# FLAVOUR native: this CPU's own instruction sets without AMX, as `make bench` measures it (override with
+# LLAMA_CMAKE_ARGS).
 # The wheel lands in $CAMELID_WHEELS (default ~/.cache/camelid/wheels/FLAVOUR), so a fresh clone or a new .venv
 # reuses it: the first build compiles llama.cpp (about 10 minutes on 2 cores), later installs take seconds.
 set -euo pipefail
 PIP=$1 FLAVOUR=$2 EXTRA=${3:-}
 VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
+source "$(dirname "$0")/llama-cpp-args.sh"  # native_args: this CPU's instruction sets
 case $FLAVOUR in
   portable) ARGS="-DGGML_NATIVE=OFF -DGGML_SSE42=OFF -DGGML_AVX=OFF -DGGML_AVX2=OFF -DGGML_BMI2=OFF -DGGML_FMA=OFF -DGGML_F16C=OFF \
 -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF \
 -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_OPENMP=OFF" ;;
-  native) ARGS=${LLAMA_CMAKE_ARGS:-"-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
--DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"} ;;
+  native) ARGS=${LLAMA_CMAKE_ARGS:-$(native_args)} ;;
   *) echo "llama-cpp-peer: FLAVOUR must be portable or native, got $FLAVOUR" >&2; exit 2 ;;
 esac
 DIR=${CAMELID_WHEELS:-${XDG_CACHE_HOME:-$HOME/.cache}/camelid/wheels}/$FLAVOUR-$VERSION-$(printf %s "$ARGS" | sha256sum | cut -c1-12)

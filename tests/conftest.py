@@ -101,6 +101,38 @@ def running_server(model_path, *flags: str):
             proc.kill()
 
 
+def run_script(script: Path, *args: str, torchrun: int = 0, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a test file as a training script, one thread per process (under torchrun with `torchrun` processes, on
+    loopback); with check, a non-zero exit fails with the output's tails."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [sys.executable]
+    if torchrun:
+        cmd += ["-m", "torch.distributed.run", f"--nproc-per-node={torchrun}", "--master-addr=127.0.0.1",
+                f"--master-port={free_port()}", "--local-addr=127.0.0.1"]
+    proc = subprocess.run([*cmd, str(script), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def tiny_random_model():
+    """A two-layer Llama (dim 32, GQA 4/2 heads, vocabulary 50) with every weight drawn from N(0, 0.3), seed 0."""
+    import torch
+
+    from camelid.config import ModelConfig
+    from camelid.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, hidden_dim=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    model.reset_buffers()
+    return model
+
+
 def require_llama_cpp():
     """The llama_cpp module (llama-cpp-python), the peer of the GGUF interop tests. `make test` installs it and sets
     CAMELID_REQUIRE_LLAMA_CPP=1: then a missing peer FAILS the test; elsewhere (a bare pytest run) it skips."""

@@ -7,10 +7,9 @@ import json
 
 import pytest
 import torch
-from conftest import camelid_cli, one_line_error, require_llama_cpp
+from conftest import camelid_cli, one_line_error, require_llama_cpp, tiny_random_model
 
 from camelid import embed
-from camelid.config import ModelConfig
 from camelid.errors import CamelidError
 from camelid.model import Transformer
 
@@ -19,13 +18,7 @@ TEXTS = ["The cat sat on the mat.", "Paris is the capital of France.", "hi",
 
 
 def tiny_model() -> Transformer:
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, hidden_dim=64))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    model.reset_buffers()
-    return model.eval()
+    return tiny_random_model().eval()
 
 
 def rows(seed: int = 1) -> list[list[int]]:

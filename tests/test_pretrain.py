@@ -320,19 +320,9 @@ def test_init_continues_pretraining_an_existing_model(trained, data_dir, tmp_pat
 
 def run_script(*args: str, torchrun: int = 0, check: bool = True) -> subprocess.CompletedProcess:
     """`camelid pretrain ARGS` through this file (under torchrun with `torchrun` processes)."""
-    from test_train_loop import _free_port
+    import conftest
 
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    cmd = [sys.executable]
-    if torchrun:
-        cmd += ["-m", "torch.distributed.run", f"--nproc-per-node={torchrun}", "--master-addr=127.0.0.1",
-                f"--master-port={_free_port()}", "--local-addr=127.0.0.1"]
-    proc = subprocess.run([*cmd, str(HERE), *args], env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
+    return conftest.run_script(HERE, *args, torchrun=torchrun, check=check)
 
 
 def _common(data_dir: Path, config_file: Path, steps: int = 6) -> list[str]:

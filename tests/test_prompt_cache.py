@@ -88,7 +88,7 @@ def fast(default_model_path):
     return camelid.load(default_model_path)  # the server's default path: quantized weights, bf16 products
 
 
-def questions(tok, n=16):
+def questions(tok, n=16):  # issue 17 names 16 prompts
     system = "You are a careful assistant for a bakery. " * 12  # ~100 tokens shared by every prompt
     return [tok.encode(f"{system}Question {i}: what is {i} times {i + 3}? Answer:", bos=True) for i in range(n)]
 

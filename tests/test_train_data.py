@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_random_model
 
 from camelid.chat import BUILTIN, encode_chat, render, template_for
-from camelid.config import ModelConfig
 from camelid.errors import CamelidError, DataError
-from camelid.model import Transformer
 from camelid.tokenizer import build_bpe, byte_decoder
 from camelid.train.data import IGNORE, Batches, Sample, load_samples, split_validation
 
@@ -392,13 +391,7 @@ def test_split_validation_holds_out_whole_records():
 # --- packed attention in the model ---
 
 
-def tiny_model() -> Transformer:
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, hidden_dim=64))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model
+tiny_model = tiny_random_model  # shared with tests/test_embed.py
 
 
 def test_a_packed_row_gives_each_sample_the_logits_it_has_alone():

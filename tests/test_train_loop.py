@@ -12,7 +12,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -337,26 +336,9 @@ def test_crash_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypatc
 
 def run_script(*args: str, torchrun: int = 0, check: bool = True) -> subprocess.CompletedProcess:
     """Run this file as a training script (under torchrun with `torchrun` processes)."""
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    cmd = [sys.executable]
-    if torchrun:
-        cmd += ["-m", "torch.distributed.run", f"--nproc-per-node={torchrun}", "--master-addr=127.0.0.1",
-                f"--master-port={_free_port()}", "--local-addr=127.0.0.1"]
-    proc = subprocess.run([*cmd, str(HERE), *args], env=env, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
+    import conftest
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return conftest.run_script(HERE, *args, torchrun=torchrun, check=check, timeout=300)
 
 
 @pytest.mark.parametrize("kill, logged", [(("--kill-at", "4"), 4),
