@@ -176,8 +176,9 @@ class Guard:
         return [self.categories[c] for c in codes]
 
     @torch.inference_mode()
-    def judge(self, messages: Sequence[dict], codes: Sequence[str] | None = None) -> Verdict:
-        """Run the guard on a conversation (its last message is judged) over `codes` (None: every category)."""
+    def judge(self, messages: Sequence[dict], codes: Sequence[str] | None = None, scores: bool = True) -> Verdict:
+        """Run the guard on a conversation (its last message is judged) over `codes` (None: every category).
+        scores=False skips the per-category scores (one short forward per category): a check needs the verdict only."""
         from .cache import KVCache
 
         start = time.perf_counter()
@@ -208,13 +209,14 @@ class Guard:
         checked = {c.code for c in cats}
         listed = [c for c in listed if c in checked]  # a code switched off for this request is not a hit
         unsafe = bool(listed)
-        scores = self._scores(ids, decision, p_unsafe, cats, cache)
-        return Verdict(unsafe, listed, p_unsafe, scores, text, time.perf_counter() - start)
+        per_code = self._scores(ids, decision, p_unsafe, cats, cache) if scores else {}
+        return Verdict(unsafe, listed, p_unsafe, per_code, text, time.perf_counter() - start)
 
     def _forward(self, tokens: list[int], pos: int, cache) -> torch.Tensor:
         t = torch.tensor([tokens], dtype=torch.long, device=self.model.device)
         positions = torch.arange(pos, pos + len(tokens), device=self.model.device)[None]
-        return self.model(t, positions, cache)[0, -1]
+        at = torch.tensor([len(tokens) - 1], device=self.model.device)  # only the last position's logits
+        return self.model(t, positions, cache, logits_at=at)[0, -1]
 
     def _scores(self, ids: list[int], pos: int, p_unsafe: float, cats: list[Category], cache) -> dict[str, float]:
         """Each checked code's p_unsafe x P(code listed first | 'unsafe\\n'), teacher-forced from the cache (pos: where

@@ -249,13 +249,15 @@ def _verdict(request: Request, **v) -> None:
             metrics.policy_blocks.inc(key=_key_name(request), stage=v["stage"], category=str(cat))
 
 
-async def judge(request: Request, policy: Policy, messages: list[dict], codes: tuple[str, ...] | None) -> Verdict:
-    """The guard's verdict, run on its own thread; a failure is a 503 (the request fails closed)."""
+async def judge(request: Request, policy: Policy, messages: list[dict], codes: tuple[str, ...] | None,
+                scores: bool = False) -> Verdict:
+    """The guard's verdict (scores: with per-category scores), run on its own thread; a failure is a 503 (the request
+    fails closed)."""
     metrics = request.app.state.camelid.metrics
     loop = asyncio.get_running_loop()
     start = time.perf_counter()
     try:
-        verdict = await loop.run_in_executor(policy.executor, policy.guard.judge, messages, codes)
+        verdict = await loop.run_in_executor(policy.executor, policy.guard.judge, messages, codes, scores)
     except Exception as e:  # the guard's own error, a malformed answer, out of memory: fail closed
         metrics.guard_failures.inc()
         raise ApiError(503, f"the content guard failed, so the request was refused: {e}", None, "guard_unavailable",
@@ -495,7 +497,7 @@ async def moderations(request: Request) -> Response:
         categories: dict[str, bool] = {}
         scores: dict[str, float] = {}
         if policy.guard is not None:
-            v = await judge(request, policy, [{"role": "user", "content": text}], codes)
+            v = await judge(request, policy, [{"role": "user", "content": text}], codes, scores=True)
             for code, score in v.scores.items():
                 categories[code] = code in v.categories
                 scores[code] = round(score, 6)
