@@ -25,7 +25,7 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -130,6 +130,17 @@ class Verdict:
     seconds: float
 
 
+@dataclass
+class GuardSession:
+    """The guard's KV cache of one conversation's last check. The next check of the same conversation with a longer
+    answer (a streamed answer, checked every few hundred characters) computes only the tokens after the common
+    prefix: the new answer text and the instructions after it, not the whole prompt again."""
+
+    ids: list[int] = field(default_factory=list)  # the prompt whose KV the cache holds at positions 0..len-1
+    cache: object = None
+    computed: int = 0  # prompt tokens computed over the session's checks
+
+
 class Guard:
     """A loaded guard model and the categories it knows (the 14 of Llama Guard 3/4, or the policy's)."""
 
@@ -176,19 +187,19 @@ class Guard:
         return [self.categories[c] for c in codes]
 
     @torch.inference_mode()
-    def judge(self, messages: Sequence[dict], codes: Sequence[str] | None = None, scores: bool = True) -> Verdict:
+    def judge(self, messages: Sequence[dict], codes: Sequence[str] | None = None, scores: bool = True,
+              session: GuardSession | None = None) -> Verdict:
         """Run the guard on a conversation (its last message is judged) over `codes` (None: every category).
-        scores=False skips the per-category scores (one short forward per category): a check needs the verdict only."""
-        from .cache import KVCache
-
+        scores=False skips the per-category scores (one short forward per category): a check needs the verdict only.
+        session: reuse the KV of this conversation's previous check (same verdicts, less computed)."""
         start = time.perf_counter()
         cats = self.checked(codes)
         ids = self.prompt_ids(messages, codes)
         extra = MAX_ANSWER_TOKENS + 8
         if len(ids) + extra > self.max_seq_len:
             raise GuardError(f"the conversation is {len(ids)} guard tokens; the guard's context is {self.max_seq_len}")
-        cache = KVCache.for_model(self.model, 1, len(ids) + extra)
-        logits = self._forward(ids, 0, cache)
+        cache, reuse = self._cache_for(ids, len(ids) + extra, session)
+        logits = self._forward(ids[reuse:], reuse, cache)
         pos = len(ids)
         answer: list[int] = []
         p_unsafe, decision = None, None
@@ -211,6 +222,24 @@ class Guard:
         unsafe = bool(listed)
         per_code = self._scores(ids, decision, p_unsafe, cats, cache) if scores else {}
         return Verdict(unsafe, listed, p_unsafe, per_code, text, time.perf_counter() - start)
+
+    def _cache_for(self, ids: list[int], need: int, session: GuardSession | None):
+        """(cache, positions already holding ids' KV). Chunked-attention layers (Llama 4) keep one chunk and cannot
+        rewind, so they get a fresh cache every time."""
+        from .cache import KVCache
+
+        if session is None or getattr(self.model.config, "chunked_layers", ()):
+            return KVCache.for_model(self.model, 1, need), 0
+        reuse = 0
+        if session.cache is not None and session.cache.max_len >= need:
+            while reuse < min(len(ids), len(session.ids)) and ids[reuse] == session.ids[reuse]:
+                reuse += 1
+            reuse = min(reuse, len(ids) - 1)  # the last prompt token is always computed: its logits start the answer
+        else:  # room for the answer to grow before the next reallocation
+            session.cache = KVCache.for_model(self.model, 1, min(self.max_seq_len, max(need, 2 * len(ids))))
+        session.ids = list(ids)
+        session.computed += len(ids) - reuse
+        return session.cache, reuse
 
     def _forward(self, tokens: list[int], pos: int, cache) -> torch.Tensor:
         t = torch.tensor([tokens], dtype=torch.long, device=self.model.device)

@@ -157,6 +157,24 @@ def test_guard_verdicts_and_scores(guard):
     assert guard.judge(chat, gf.CODES).p_unsafe == pytest.approx(float(p), abs=1e-5)
 
 
+def test_checks_of_a_growing_answer_reuse_the_last_checks_kv(guard):
+    from camelid.guard import GuardSession
+
+    session = GuardSession()
+    answer = "sure, here is a cake, then a song, then a map, then a bomb"
+    for i, end in enumerate((16, 33, 46, len(answer))):  # a streamed answer, checked as it grows
+        chat = [{"role": "user", "content": "write a song"}, {"role": "assistant", "content": answer[:end]}]
+        before = session.computed
+        alone, reused = guard.judge(chat, gf.CODES), guard.judge(chat, gf.CODES, session=session)
+        n = len(guard.prompt_ids(chat, gf.CODES))
+        # the first check computes the whole prompt; a later one the new answer text and the instructions after it
+        assert session.computed - before == n if i == 0 else session.computed - before < n / 2
+        assert (reused.flagged, reused.categories, reused.answer) == (alone.flagged, alone.categories, alone.answer)
+        assert reused.p_unsafe == pytest.approx(alone.p_unsafe, abs=1e-5)
+        assert reused.scores == pytest.approx(alone.scores, abs=1e-5)
+    assert reused.categories == ["S1"]
+
+
 def test_a_category_switched_off_is_not_a_hit(guard):
     chat = [{"role": "user", "content": "write a bomb"}]
     assert guard.judge(chat, gf.CODES).categories == ["S1"]

@@ -44,7 +44,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..errors import CamelidError
-from ..guard import DEFAULT_CATEGORIES, Category, Guard, GuardError, Verdict, check_code
+from ..guard import DEFAULT_CATEGORIES, Category, Guard, GuardError, GuardSession, Verdict, check_code
 from .params import ApiError
 
 SIDES = ("input", "output", "both")
@@ -250,14 +250,15 @@ def _verdict(request: Request, **v) -> None:
 
 
 async def judge(request: Request, policy: Policy, messages: list[dict], codes: tuple[str, ...] | None,
-                scores: bool = False) -> Verdict:
+                scores: bool = False, session: GuardSession | None = None) -> Verdict:
     """The guard's verdict (scores: with per-category scores), run on its own thread; a failure is a 503 (the request
     fails closed)."""
     metrics = request.app.state.camelid.metrics
     loop = asyncio.get_running_loop()
     start = time.perf_counter()
     try:
-        verdict = await loop.run_in_executor(policy.executor, policy.guard.judge, messages, codes, scores)
+        verdict = await loop.run_in_executor(policy.executor, policy.guard.judge, messages, codes, scores,
+                                             session)
     except Exception as e:  # the guard's own error, a malformed answer, out of memory: fail closed
         metrics.guard_failures.inc()
         raise ApiError(503, f"the content guard failed, so the request was refused: {e}", None, "guard_unavailable",
@@ -371,6 +372,7 @@ class OutputFilter:
         self.checked = 0  # chars of pending the guard has seen and passed
         self.logged: set[str] = set()
         self.blocked = False
+        self.session = GuardSession() if self.guarded else None  # each check reuses the last one's KV
 
     def _scan(self) -> None:
         tail = self.raw_sent[-self.window:] if self.window else ""
@@ -397,7 +399,7 @@ class OutputFilter:
             return
         chat = [*self.context, {"role": "assistant", "content": answer}] if self.context else \
             [{"role": "user", "content": ""}, {"role": "assistant", "content": answer}]
-        v = await judge(self.request, self.policy, chat, _key_codes(self.request, self.policy))
+        v = await judge(self.request, self.policy, chat, _key_codes(self.request, self.policy), session=self.session)
         self.checked = len(self.pending)
         if v.flagged:
             action = self.policy.guard_settings.action
