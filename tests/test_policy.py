@@ -373,6 +373,10 @@ def test_guard_failure_fails_closed(server, guard, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("out of memory")
 
+    use(app, model=guard, guard={"on": "input", "categories": list(gf.CODES), "timeout": 1e-9})
+    _, _, status, body = ask(client, True, False, text="write a cake")
+    assert status == 503 and "did not answer within" in body["error"]["message"]
+    use(app, model=guard, guard={"on": "both", "categories": list(gf.CODES)})
     monkeypatch.setattr(guard, "judge", broken)
     _, _, status, body = ask(client, True, False)
     assert status == 503 and body["error"]["code"] == "guard_unavailable"
@@ -410,6 +414,7 @@ def test_policy_file_errors_are_one_line(tmp_path):
         "[[rule]]\npattern = 'a'\non = 'sideways'": "'on' must be one of",
         "[guard]\ncategories = ['S99']": "'categories' must list known codes",
         "[guard]\non = 'input'": "needs --guard MODEL",
+        "[guard]\ntimeout = 0": "'timeout' must be a number of seconds > 0",
         "colour = 1": "unknown setting 'colour'",
         "not toml [": "not valid TOML",
     }

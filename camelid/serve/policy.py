@@ -16,6 +16,7 @@ POLICY.toml:
     action = "block"                # "block" | "log"
     categories = ["S1", "S9"]       # the codes checked by default (default: all); a key's own list wins
     every = 256                     # characters of a streamed answer between guard checks
+    timeout = 60                    # seconds a check may take; then the request fails closed
     version = 3                     # the prompt format, 3 or 4 (default: from the guard's vocabulary)
     [[guard.category]]              # custom categories, added to (or replacing, with the same code) S1-S14
     code = "X1"
@@ -75,6 +76,7 @@ class GuardSettings:
     version: int | None = None
     model: str | None = None
     categories: tuple[Category, ...] = DEFAULT_CATEGORIES
+    timeout: float = 60.0
 
     def applies(self, stage: str) -> bool:
         return self.on in (stage, "both")
@@ -167,7 +169,7 @@ def parse_policy(data: dict, source: str = "policy") -> Policy:
         where = f"{source}: [guard]"
         if not isinstance(g, dict):
             raise CamelidError(f"{where}: must be a table")
-        unknown = set(g) - {"on", "action", "categories", "every", "version", "model", "category"}
+        unknown = set(g) - {"on", "action", "categories", "every", "version", "model", "category", "timeout"}
         if unknown:
             raise CamelidError(f"{where}: unknown key {sorted(unknown)[0]!r}")
         cats = {c.code: c for c in DEFAULT_CATEGORIES}
@@ -190,8 +192,12 @@ def parse_policy(data: dict, source: str = "policy") -> Policy:
         model = g.get("model")
         if model is not None and not isinstance(model, str):
             raise CamelidError(f"{where}: 'model' must be a string (a store name or a path)")
+        timeout = g.get("timeout", 60.0)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise CamelidError(f"{where}: 'timeout' must be a number of seconds > 0, got {timeout!r}")
         guard = GuardSettings(_choice(g, "on", SIDES, "both", where), _choice(g, "action", GUARD_ACTIONS, "block", where),
-                              codes, _int(g, "every", DEFAULT_GUARD_EVERY, 1, where), version, model, tuple(cats.values()))
+                              codes, _int(g, "every", DEFAULT_GUARD_EVERY, 1, where), version, model, tuple(cats.values()),
+                              float(timeout))
     return Policy(tuple(rules), window, guard)
 
 
@@ -257,8 +263,12 @@ async def judge(request: Request, policy: Policy, messages: list[dict], codes: t
     loop = asyncio.get_running_loop()
     start = time.perf_counter()
     try:
-        verdict = await loop.run_in_executor(policy.executor, policy.guard.judge, messages, codes, scores,
-                                             session)
+        work = loop.run_in_executor(policy.executor, policy.guard.judge, messages, codes, scores, session)
+        verdict = await asyncio.wait_for(work, policy.guard_settings.timeout)
+    except TimeoutError:
+        metrics.guard_failures.inc()
+        raise ApiError(503, f"the content guard did not answer within {policy.guard_settings.timeout:g} s, so the "
+                       "request was refused", None, "guard_unavailable", type="server_error") from None
     except Exception as e:  # the guard's own error, a malformed answer, out of memory: fail closed
         metrics.guard_failures.inc()
         raise ApiError(503, f"the content guard failed, so the request was refused: {e}", None, "guard_unavailable",
