@@ -532,6 +532,12 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer_train.add_parser(sub)
     pretrain.add_parsers(sub)  # prepare, pretrain
 
+    from .keys_cli import add_parser as add_keys  # camelid keys add|list|revoke
+
+    add_keys(sub)
+    from .audit_cli import add_parser as add_audit  # camelid audit verify|show
+
+    add_audit(sub)
     from .serve import add_arguments as serve_arguments  # flags only: the server's modules load on use
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")

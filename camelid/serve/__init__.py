@@ -10,8 +10,10 @@ model (30 layers, 3 kv heads of 64) that is 46 KB per position, so 8 slots x 409
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
+import time
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -41,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     parser.add_argument("--api-key", default=os.environ.get("CAMELID_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $CAMELID_API_KEY)")
+    parser.add_argument("--keys", default=None, metavar="KEYS",
+                        help="API keys with scopes and limits from the key file KEYS (`camelid keys add`); re-read when "
+                             "it changes, no restart (with --api-key too, that key stays unrestricted)")
     parser.add_argument("--max-concurrency", type=int, default=8, help="sequences decoding at once (KV cache slots; default 8)")
     parser.add_argument("--max-queue", type=int, default=None,
                         help="requests waiting for a slot before 429 (default 4 x concurrency)")
@@ -65,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pooling", choices=("mean", "last", "cls"), default="mean",
                         help="how /v1/embeddings pools the final hidden states over a text's tokens when a request "
                              "does not say (default mean)")
+    from ..audit_cli import add_serve_arguments as audit_arguments
+
+    audit_arguments(parser)  # --audit-log, --audit-text, --audit-key, --audit-checkpoint, --audit-fsync
     parser.add_argument("--cache-mb", type=float, default=DEFAULT_CACHE_MB, metavar="N",
                         help=f"MiB of prompt KV kept for reuse by later requests and turns (default {DEFAULT_CACHE_MB}; "
                              "0 turns the prompt cache off). Reuse is exact: the output never changes")
@@ -230,10 +238,13 @@ def build_registry(models: dict[str, str], max_loaded: int, memory_mb: float, ke
 def serve(model_path: str | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: str | None = None,
           max_concurrency: int = 8, cors_origins: list[str] | None = None, log_level: str = "info",
           keep_alive: float = DEFAULT_KEEP_ALIVE, models: dict[str, str] | None = None, max_loaded: int = 2,
-          memory_mb: float = 0, model_keep_alive: str = "5m", **options) -> None:
+          memory_mb: float = 0, model_keep_alive: str = "5m", keys: str | None = None, audit: dict | None = None,
+          **options) -> None:
     """Load a model and serve it until interrupted. options: max_queue, max_seq_len, max_tokens, max_body_bytes, model_id.
 
-    models: {name: source} for several models (the first loaded at start, the others on demand)."""
+    models: {name: source} for several models (the first loaded at start, the others on demand).
+    keys: the key file of --keys (camelid/serve/keys.py).
+    audit: camelid.audit.AuditLog's arguments (path, key_path, text, checkpoint_every, fsync) for an audit log."""
     import uvicorn
 
     from ..errors import CamelidError
@@ -244,6 +255,18 @@ def serve(model_path: str | None = None, host: str = DEFAULT_HOST, port: int = D
     from .policy import load_policy
 
     policy = load_policy(options.pop("policy", None), options.pop("guard", None), options.pop("guard_version", None))
+
+    from .keys import KeyStore
+
+    store = KeyStore(keys) if keys is not None else None  # a missing or bad key file is one line, before the slow load
+    log = None
+    if audit:  # opened before the slow load: a bad log or key fails at once; closed (final checkpoint) at any exit
+        from ..audit import AuditLog
+
+        log = AuditLog(**audit)
+        atexit.register(log.close)
+        print(f"camelid: audit log {log.path}, signed by {log.key.id} (public key {log.pub_path}: keep a copy "
+              "elsewhere to verify against)", file=sys.stderr)
     registry = None
     if models:
         options.pop("model_id", None)
@@ -251,9 +274,14 @@ def serve(model_path: str | None = None, host: str = DEFAULT_HOST, port: int = D
                                          max_concurrency=max_concurrency, **options)
     else:
         state = build_state(model_path, api_key=api_key, max_concurrency=max_concurrency, **options)
-    app = create_app(state, cors_origins, registry, policy)
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        print(f"camelid: warning: serving on {host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
+    state.keys = store
+    if store is not None:
+        if not any(k.status(time.time()) == "active" for k in store.keys.values()):
+            print(f"camelid: warning: {keys} has no active key: every request but /health will get 401", file=sys.stderr)
+    app = create_app(state, cors_origins, registry, audit=log, policy=policy)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key and keys is None:
+        print(f"camelid: warning: serving on {host} without --api-key or --keys: anyone who can reach it can use it",
+              file=sys.stderr)
     extra = f" with adapters {', '.join(state.adapters)}" if state.adapters else ""
     if registry is not None:
         extra += f" (and on demand: {', '.join(n for n in registry.entries if n != state.model_id)})"
@@ -264,6 +292,7 @@ def serve(model_path: str | None = None, host: str = DEFAULT_HOST, port: int = D
 
 def main(args: argparse.Namespace) -> int:
     """Run `camelid serve` from parsed flags; user mistakes are one line and exit code 1."""
+    from ..audit_cli import serve_options as audit_options
     from ..errors import CamelidError
 
     try:
@@ -275,8 +304,8 @@ def main(args: argparse.Namespace) -> int:
               model_id=args.model_id, quant=None if args.reference else args.quant, keep_alive=args.keep_alive,
               adapters=parse_adapters(args.adapter, args.model_id or "") or None, pooling=args.pooling,
               cache_mb=args.cache_mb, models=models, max_loaded=args.max_loaded, memory_mb=args.memory_mb,
-              model_keep_alive=args.model_keep_alive, policy=args.policy, guard=args.guard,
-              guard_version=args.guard_version)
+              model_keep_alive=args.model_keep_alive, keys=args.keys, audit=audit_options(args),
+              policy=args.policy, guard=args.guard, guard_version=args.guard_version)
     except CamelidError as e:
         print(f"camelid: error: {e}", file=sys.stderr)
         return 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import secrets
 import time
@@ -24,11 +23,11 @@ from . import policy as policy_stage
 from . import tools as tool_stage
 from .constrained import JsonConstraint
 from .engine import Engine, EngineStoppedError, Finish, QueueFullError, Token, make_sequence
+from .gate import KeysMiddleware, Limiter
+from .keys import KeyStore
 from .metrics import Metrics
 from .params import ApiError, GenParams, Limits, check_fits, messages_of, parse_common, prompt_of
 from .tools import ChatOutput, ToolRequest
-
-OPEN_PATHS = {"/health", "/"}  # no key needed: liveness, and the static chat page (it holds no data)
 
 
 @dataclass
@@ -43,6 +42,7 @@ class ServerState:
     adapters: tuple[str, ...] = ()  # LoRA adapters over the base, chosen by a request's `model`
     pooling: str = "mean"  # /v1/embeddings' default pooling (camelid/embed.py)
     metrics: Metrics | None = None  # several models share the server's
+    keys: KeyStore | None = None  # --keys: the key file, its scopes and limits (camelid/serve/keys.py)
 
     def __post_init__(self) -> None:
         self.metrics = self.metrics or Metrics(self.engine)
@@ -61,25 +61,6 @@ def record(request: Request, **fields) -> dict:
 
 def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-
-class ApiKeyMiddleware:
-    """`Authorization: Bearer KEY` on every path but OPEN_PATHS (pure ASGI, so streams are untouched)."""
-
-    def __init__(self, app, api_key: str | None) -> None:
-        self.app, self.api_key = app, api_key
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and self.api_key and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
-            headers = dict(scope["headers"])
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-                err = ApiError(401, "a valid API key is needed: send 'Authorization: Bearer KEY'", None, "invalid_api_key",
-                               type="authentication_error", headers={"WWW-Authenticate": "Bearer"})
-                await error_response(err)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 async def read_json(request: Request, limits: Limits) -> dict:
@@ -431,15 +412,21 @@ def model_objects(state: ServerState, registry=None) -> list[dict]:
     return [base, *adapters]
 
 
+def visible_models(request: Request) -> list[dict]:
+    """The model objects the request's key may use (a key's `models` scope hides the others)."""
+    key = request.scope.get("camelid.key")
+    objects = model_objects(request.app.state.camelid, request.app.state.registry)
+    return [m for m in objects if key is None or key.allows_model(m["id"])]
+
+
 async def models(request: Request) -> Response:
-    return JSONResponse({"object": "list", "data": model_objects(request.app.state.camelid, request.app.state.registry)})
+    return JSONResponse({"object": "list", "data": visible_models(request)})
 
 
 async def model_info(request: Request) -> Response:
     """GET /v1/models/{id}: one model object, or a 404 with an OpenAI-style body."""
-    state: ServerState = request.app.state.camelid
     wanted = request.path_params["model_id"]
-    for m in model_objects(state, request.app.state.registry):
+    for m in visible_models(request):
         if m["id"] == wanted:
             return JSONResponse(m)
     raise ApiError(404, f"the model {wanted!r} does not exist", "model", "model_not_found")
@@ -569,10 +556,12 @@ def retrieval_routes() -> list[Route]:
             *(Route(p, leased(rerank), methods=["POST"]) for p in ("/v1/rerank", "/v2/rerank", "/rerank"))]
 
 
-def create_app(state: ServerState, cors_origins: list[str] | None = None, registry=None, policy=None) -> Starlette:
+def create_app(state: ServerState, cors_origins: list[str] | None = None, registry=None, audit=None,
+               policy=None) -> Starlette:
     """The ASGI app. The engine is started and stopped with the app's lifespan.
 
     registry (camelid/serve/registry.py): several models, `state` being the first (loaded) one.
+    audit: a camelid.audit.AuditLog, written one record per request (camelid/serve/audit.py).
     policy (camelid/serve/policy.py): content rules and a guard model on every generation path."""
     routes = [
         Route("/", index),
@@ -594,7 +583,15 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None, regist
         middleware.append(Middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
                                      allow_headers=["Authorization", "Content-Type"]))
     middleware.append(Middleware(CountRequests, metrics=state.metrics, endpoints={r.path for r in routes}))
-    middleware.append(Middleware(ApiKeyMiddleware, api_key=state.api_key))
+    if audit is not None:  # the audit log: one record per request, outside auth so refusals are logged too
+        from .audit import AuditMiddleware, add_metrics
+
+        add_metrics(state.metrics, audit)
+        middleware.append(Middleware(AuditMiddleware, log=audit))
+    # authenticate + limits (camelid/serve/gate.py): --api-key and --keys; sets scope["camelid.key"]
+    limiter = Limiter(state.keys.clock, state.keys.ledger) if state.keys is not None else None
+    middleware.append(Middleware(KeysMiddleware, api_key=state.api_key, store=state.keys, metrics=state.metrics,
+                                 default_model=state.model_id, max_body_bytes=state.limits.max_body_bytes, limiter=limiter))
 
     from contextlib import asynccontextmanager
 
@@ -608,6 +605,8 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None, regist
             reaper.cancel()
             registry.stop_all()
         state.engine.stop()
+        if limiter is not None:
+            limiter.save()  # the day's token counts of each key
 
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
                     exception_handlers={ApiError: api_error, HTTPException: http_error,

@@ -90,6 +90,13 @@ class Metrics:
         self.completion_tokens = Counter("camelid_completion_tokens_total", "generated tokens of finished requests")
         self.latency = Histogram("camelid_request_latency_seconds", "time from request to last token (generation endpoints)")
         self.ttft = Histogram("camelid_time_to_first_token_seconds", "time from request to first token")
+        # keys (camelid/serve/gate.py): per key name
+        self.key_requests = Counter("camelid_key_requests_total", "requests admitted, by key")
+        self.key_tokens = Counter("camelid_key_tokens_total", "tokens charged (usage.total_tokens), by key")
+        self.key_refusals = Counter("camelid_key_refusals_total", "requests refused by key and reason (rpm, tpm, "
+                                    "concurrency, daily_tokens: 429; endpoint, model: 403; max_tokens: 400)")
+        self.key_auth_failures = Counter("camelid_key_auth_failures_total",
+                                         "401s by reason (missing, unknown, revoked, expired)")
         # the content policy (camelid/serve/policy.py)
         self.policy_blocks = Counter("camelid_policy_blocks_total", "requests or answers blocked, by key, stage and "
                                      "category (a guard category code, or the rule's name)")
@@ -116,7 +123,9 @@ class Metrics:
 
     def render(self) -> str:
         lines: list[str] = []
-        for m in (self.requests, self.prompt_tokens, self.completion_tokens, self.latency, self.ttft, *self.gauges,
-                  self.policy_blocks, self.policy_verdicts, self.guard_latency, self.guard_failures):
+        keys = (self.key_requests, self.key_tokens, self.key_refusals, self.key_auth_failures)
+        policy = (self.policy_blocks, self.policy_verdicts, self.guard_latency, self.guard_failures)
+        for m in (self.requests, self.prompt_tokens, self.completion_tokens, self.latency, self.ttft, *keys, *policy,
+                  *self.gauges):
             lines += m.render()
         return "\n".join(lines) + "\n"
