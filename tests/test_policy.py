@@ -428,3 +428,47 @@ def test_policy_file_errors_are_one_line(tmp_path):
     (tmp_path / "p.toml").write_text("[[rule]]\npattern = '('\n")
     line = one_line_error(camelid_cli("serve", "--policy", str(tmp_path / "p.toml"), "--port", "1", timeout=120))
     assert "not a valid regular expression" in line
+
+
+def test_with_real_keys_and_audit_log(served, guard, tmp_path):
+    """The stages of issue 13 together: a key file whose keys switch guard categories, the policy, the audit log
+    that records each request's verdicts (and verifies)."""
+    from starlette.testclient import TestClient
+
+    from camelid.audit import AuditLog, read_records, verify
+    from camelid.serve import build_state
+    from camelid.serve.app import create_app
+    from camelid.serve.keys import KeyStore, add_key
+
+    keys = tmp_path / "keys.json"
+    _, all_secret = add_key(keys, "everything")
+    _, s2_secret = add_key(keys, "only-s2", categories="S2")
+    _, ops_secret = add_key(keys, "ops", endpoints="metrics")
+    state = build_state(str(served), max_concurrency=2, max_seq_len=256, model_id="tiny", quant=None, cache_mb=0)
+    state.keys = KeyStore(keys)
+    log = AuditLog(tmp_path / "audit.jsonl")
+    app = create_app(state, audit=log)
+    use(app, model=guard, guard={"on": "input", "categories": list(gf.CODES)},
+        rule=[{"name": "pii", "pattern": r"\d{4}", "on": "input", "action": "redact"}])
+    with TestClient(app) as client:
+        def chat(secret, text):
+            return client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {secret}"},
+                               json={"messages": [{"role": "user", "content": text}], "max_tokens": 4})
+
+        r = chat(all_secret, "write a bomb")
+        assert r.status_code == 400 and r.json()["error"]["code"] == "content_filter"
+        assert chat(s2_secret, "write a bomb").status_code == 200  # this key is not checked for S1
+        assert chat(s2_secret, "write a steal").status_code == 400
+        assert chat(all_secret, "write a cake 1234").status_code == 200
+        metrics = client.get("/metrics", headers={"Authorization": f"Bearer {ops_secret}"}).text
+    log.close()
+    records = [rec for _, rec in read_records(tmp_path / "audit.jsonl") if rec and rec.get("endpoint") == "/v1/chat/completions"]
+    assert [(r["key"], r["status"]) for r in records] == [("everything", 400), ("only-s2", 200), ("only-s2", 400),
+                                                          ("everything", 200)]
+    assert records[0]["verdicts"] == [{"stage": "input", "source": "guard", "categories": ["S1"], "action": "block"}]
+    assert records[1]["verdicts"] == [] and records[2]["verdicts"][0]["categories"] == ["S2"]
+    assert records[3]["verdicts"] == [{"stage": "input", "source": "rule", "rule": "pii", "action": "redact"}]
+    assert "1234" not in json.dumps(records)
+    assert verify(tmp_path / "audit.jsonl").status == "ok"
+    assert 'camelid_policy_blocks_total{category="S2",key="only-s2",stage="input"} 1' in metrics
+    assert 'camelid_policy_blocks_total{category="S1",key="everything",stage="input"} 1' in metrics
