@@ -36,7 +36,7 @@ $(VENV)/.llama-cpp: scripts/llama-cpp-peer.sh | $(VENV)/.installed
 
 # CAMELID_REQUIRE_LLAMA_CPP=1: a llama.cpp test fails, not skips, when the peer is missing
 test: setup $(VENV)/.browser $(VENV)/.llama-cpp
-	CAMELID_REQUIRE_LLAMA_CPP=1 $(BIN)/python -m pytest -q
+	CAMELID_REQUIRE_LLAMA_CPP=1 $(BIN)/python -m pytest -q --durations=25
 
 test-fast: setup $(VENV)/.browser $(VENV)/.llama-cpp
 	CAMELID_REQUIRE_LLAMA_CPP=1 $(BIN)/python -m pytest -q -m "not slow"

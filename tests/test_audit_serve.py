@@ -8,6 +8,7 @@ import json
 import signal
 import threading
 from dataclasses import dataclass
+from datetime import datetime
 
 import httpx
 import pytest
@@ -191,12 +192,22 @@ def test_an_unwritable_log_stops_the_server(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_mid_load_loses_no_record(tiny, tmp_path):
-    """4 clients x 8 requests (chat and completions, streamed or not, some leaving midway, some with a wrong key);
-    SIGKILL once half have ended. Every request the client saw end has exactly one record, with its status; the log
-    verifies (no tampering) up to where it stops; a restart continues it and a clean stop signs it to the end."""
+    """4 clients x 8 requests (chat and completions, streamed or not, some leaving midway, some with a wrong key),
+    each client with a key of its own from a --keys file (one limited to 3 requests a minute) beside --api-key;
+    SIGKILL once half have ended. Every request the client saw end has exactly one record, with its status and its
+    key's name; no key passed its limit; the log verifies (no tampering) up to where it stops; a restart continues
+    it and a clean stop signs it to the end."""
+    from camelid.serve.keys import add_key
+
     path = tmp_path / "audit.log"
-    flags = ("--api-key", KEY, "--audit-log", str(path), "--audit-checkpoint", "5", "--max-concurrency", "4",
-             "--max-seq-len", "128", "--cache-mb", "0", "--log-level", "warning")
+    keys_file = tmp_path / "keys.json"
+    secrets_of = {"default": KEY}
+    for name, limits in (("alice", {"rpm": 3}), ("bob", {}), ("carol", {"concurrency": 2})):
+        _, secrets_of[name] = add_key(keys_file, name, **limits)
+    owner = ["alice", "bob", "carol", "default"]  # worker w's key
+    flags = ("--api-key", KEY, "--keys", str(keys_file), "--audit-log", str(path), "--audit-checkpoint", "5",
+             "--max-concurrency", "4", "--max-seq-len", "128", "--cache-mb", "0", "--log-level", "warning")
+    used: dict[str, str | None] = {}  # X-Request-Id -> the key name the client sent (None: a wrong key)
     left: list[str] = []
     ended: dict[str, int] = {}  # X-Request-Id -> status, for every response the client received to its end
     lock = threading.Lock()
@@ -208,8 +219,8 @@ def test_sigkill_mid_load_loses_no_record(tiny, tmp_path):
             for i in range(total // 4):
                 kind = (w + i) % 4
                 leaves = kind == 3 and i % 2 == 0  # a streamed chat whose client leaves after the first event
-                key = "wrong" if (w * 8 + i) % 7 == 3 and not leaves else KEY
-                headers = {"Authorization": f"Bearer {key}"}
+                wrong = (w * 8 + i) % 7 == 3 and not leaves
+                headers = {"Authorization": f"Bearer {'wrong' if wrong else secrets_of[owner[w]]}"}
                 body = {"max_tokens": 64 if leaves else 8, "temperature": 0.7, "seed": w * 100 + i, "stream": kind >= 2}
                 if kind % 2:
                     body["messages"] = [{"role": "user", "content": f"client {w} turn {i}"}]
@@ -220,6 +231,7 @@ def test_sigkill_mid_load_loses_no_record(tiny, tmp_path):
                 try:
                     with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as r:
                         rid = r.headers.get("x-request-id")
+                        used[rid] = None if wrong else owner[w]
                         for n, _ in enumerate(r.iter_lines()):
                             if leaves and n == 1:
                                 left.append(rid)
@@ -251,6 +263,15 @@ def test_sigkill_mid_load_loses_no_record(tiny, tmp_path):
     assert not missing, f"{len(missing)} requests that ended at the client have no record"
     assert all(by_id[rid]["status"] == status for rid, status in ended.items())
     assert 401 in ended.values() and 200 in ended.values()
+    assert all(r["key"] == used[r["id"]] for r in recs if r["id"] in used and r["status"] != 401)
+    assert all(r["key"] is None for r in recs if r["status"] == 401)
+    # alice's rpm 3: no four of her admitted requests started within a minute (start = end - latency; 2 s of slack
+    # for the time between the limiter's admission and the audit stage's clock), and a fourth in a minute was refused
+    starts = sorted(datetime.fromisoformat(r["time"]).timestamp() - r["latency_ms"] / 1000
+                    for r in recs if r["key"] == "alice" and r["status"] != 429)
+    assert all(b - a > 58 for a, b in zip(starts, starts[3:])), starts
+    alice = [r["status"] for r in recs if r["key"] == "alice"]
+    assert len(alice) <= 3 or 429 in alice or starts[-1] - starts[0] > 58, alice
     assert len(ended) >= total // 2
     rep = verify(path)
     assert all(by_id[rid]["status"] == 200 and by_id[rid]["stream"] for rid in left if rid in by_id)

@@ -78,11 +78,20 @@ def test_rolling_matches_transformers_across_windows(folder, both):
     assert got == pytest.approx(want, rel=1e-4)
 
 
-def test_generate_until_stops_at_the_stop_string(both):
+def test_generate_until_stops_at_the_stop_string_batched_as_alone(both):
+    """Several requests (two option groups, prompts of different lengths) batched give transformers' answers, and
+    the same as one at a time."""
+    from camelid.eval.harness import CamelidLM
+
     ours, theirs = both
-    reqs = [("1 2 3", {"until": ["\n", "9"], "max_gen_toks": 8, "do_sample": False})]
-    assert ours.generate_until(_instances(reqs, "generate_until"), disable_tqdm=True) == \
-        theirs.generate_until(_instances(reqs, "generate_until"), disable_tqdm=True)
+    reqs = [("1 2 3", {"until": ["\n", "9"], "max_gen_toks": 8, "do_sample": False}),
+            ("a b c d e f", {"until": ["\n", "9"], "max_gen_toks": 8, "do_sample": False}),
+            ("The sky is", {"until": ["."], "max_gen_toks": 6, "do_sample": False}),
+            ("x", {"until": ["\n", "9"], "max_gen_toks": 8, "do_sample": False})]
+    got = ours.generate_until(_instances(reqs, "generate_until"), disable_tqdm=True)
+    assert got == theirs.generate_until(_instances(reqs, "generate_until"), disable_tqdm=True)
+    alone = CamelidLM(llm=ours.llm, batch_size=1).generate_until(_instances(reqs, "generate_until"), disable_tqdm=True)
+    assert got == alone and all("9" not in t and "\n" not in t for t in got[:2])
 
 
 def test_chat_template_hooks(both):

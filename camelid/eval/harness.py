@@ -180,11 +180,14 @@ class CamelidLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or seeded) continuations, batch_size rows at a time: requests with the same options run together
+        through camelid.generate (a row's tokens are the ones it gets alone), each cut at its first stop string."""
+        from ..generate import Request, generate
         from ..sampling import SamplingParams
+        from ..textstream import TextStream
 
-        out = []
-        bar = _progress(len(requests), "generate", disable_tqdm)
-        for req in requests:
+        jobs = []  # (index, ids, until, max_gen, sampling)
+        for i, req in enumerate(requests):
             context, kwargs = req.args
             kwargs = dict(kwargs or {})
             until = kwargs.pop("until", None) or []
@@ -200,12 +203,37 @@ class CamelidLM(TemplateLM):
             if len(ids) > room:
                 ids = ids[-room:]
                 self.truncated += 1
-            text = self.llm.start(ids, max_tokens=max_gen, sampling=sampling, stop=until).run().text
-            for s in until:  # the stop string itself is not part of the answer
-                if s and s in text:
-                    text = text.split(s, 1)[0]
-            out.append(text)
-            self.cache_hook.add_partial("generate_until", req.args, text)
-            bar.update(1)
+            jobs.append((i, ids, until, max_gen, sampling))
+        out: list[str | None] = [None] * len(requests)
+        groups: dict = {}
+        for job in jobs:
+            groups.setdefault((tuple(job[2]), job[3], job[4]), []).append(job)
+        bar = _progress(len(requests), "generate", disable_tqdm)
+        stop_ids = self.llm.tokenizer.stop_ids
+        for (until, max_gen, sampling), group in groups.items():
+            group.sort(key=lambda j: -len(j[1]))  # similar lengths together: less padding of the cache
+            for start in range(0, len(group), self.batch_size):
+                batch = group[start:start + self.batch_size]
+                streams = [TextStream(self.llm.tokenizer, until) for _ in batch]
+                texts = [[] for _ in batch]
+                ended = [False] * len(batch)
+                with torch.inference_mode():
+                    for step in generate(self.llm.model, [Request(j[1], max_gen, sampling, stop_ids) for j in batch],
+                                         self.llm.prompt_cache):
+                        for b, tok in enumerate(step):
+                            if tok is None or ended[b]:
+                                continue
+                            if tok in stop_ids:
+                                ended[b] = True
+                                continue
+                            texts[b].append(streams[b].add(tok))
+                            ended[b] = streams[b].stopped
+                        if all(ended):
+                            break
+                for b, job in enumerate(batch):
+                    text = "".join(texts[b]) + ("" if streams[b].stopped else streams[b].finish())
+                    out[job[0]] = text
+                    self.cache_hook.add_partial("generate_until", requests[job[0]].args, text)
+                bar.update(len(batch))
         bar.close()
         return out
