@@ -76,6 +76,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-mb", type=float, default=DEFAULT_CACHE_MB, metavar="N",
                         help=f"MiB of prompt KV kept for reuse by later requests and turns (default {DEFAULT_CACHE_MB}; "
                              "0 turns the prompt cache off). Reuse is exact: the output never changes")
+    # the content policy (camelid/serve/policy.py)
+    parser.add_argument("--policy", default=None, metavar="POLICY.toml",
+                        help="content rules ([[rule]] pattern/on/action) and guard settings, checked on every prompt and "
+                             "answer, streamed ones included")
+    parser.add_argument("--guard", default=None, metavar="MODEL",
+                        help="a guard model prompted in Llama Guard 3/4's format (S1-S14 and the policy's categories) on "
+                             "prompts and answers, and behind /v1/moderations; if it fails, requests fail closed")
+    parser.add_argument("--guard-version", type=int, choices=(3, 4), default=None,
+                        help="the guard's prompt format (default: from its vocabulary)")
 
 
 def parse_adapters(values: list[str] | None, model_id: str) -> dict[str, str]:
@@ -243,6 +252,10 @@ def serve(model_path: str | None = None, host: str = DEFAULT_HOST, port: int = D
 
     if keep_alive <= 0:
         raise CamelidError(f"--keep-alive must be > 0 seconds, got {keep_alive:g}")
+    from .policy import load_policy
+
+    policy = load_policy(options.pop("policy", None), options.pop("guard", None), options.pop("guard_version", None))
+
     from .keys import KeyStore
 
     store = KeyStore(keys) if keys is not None else None  # a missing or bad key file is one line, before the slow load
@@ -265,7 +278,7 @@ def serve(model_path: str | None = None, host: str = DEFAULT_HOST, port: int = D
     if store is not None:
         if not any(k.status(time.time()) == "active" for k in store.keys.values()):
             print(f"camelid: warning: {keys} has no active key: every request but /health will get 401", file=sys.stderr)
-    app = create_app(state, cors_origins, registry, audit=log)
+    app = create_app(state, cors_origins, registry, audit=log, policy=policy)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key and keys is None:
         print(f"camelid: warning: serving on {host} without --api-key or --keys: anyone who can reach it can use it",
               file=sys.stderr)
@@ -291,7 +304,8 @@ def main(args: argparse.Namespace) -> int:
               model_id=args.model_id, quant=None if args.reference else args.quant, keep_alive=args.keep_alive,
               adapters=parse_adapters(args.adapter, args.model_id or "") or None, pooling=args.pooling,
               cache_mb=args.cache_mb, models=models, max_loaded=args.max_loaded, memory_mb=args.memory_mb,
-              model_keep_alive=args.model_keep_alive, keys=args.keys, audit=audit_options(args))
+              model_keep_alive=args.model_keep_alive, keys=args.keys, audit=audit_options(args),
+              policy=args.policy, guard=args.guard, guard_version=args.guard_version)
     except CamelidError as e:
         print(f"camelid: error: {e}", file=sys.stderr)
         return 1

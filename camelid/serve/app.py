@@ -19,6 +19,7 @@ from starlette.routing import Route
 from .. import chat as chat_mod
 from ..textstream import TextStream
 from ..tokenizer import Tokenizer
+from . import policy as policy_stage
 from . import tools as tool_stage
 from .constrained import JsonConstraint
 from .engine import Engine, EngineStoppedError, Finish, QueueFullError, Token, make_sequence
@@ -254,7 +255,11 @@ def sse(data: dict | str) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
-async def respond(request: Request, state: ServerState, gen: Generation, chat: bool) -> Response:
+async def respond(request: Request, state: ServerState, gen: Generation, chat: bool,
+                  context: list[dict] | None = None) -> Response:
+    """The response of a generation: a stream or one JSON body. The content policy (if any) filters the answer on
+    its way out (camelid/serve/policy.py); context is the conversation it answers, for the guard."""
+    policy = getattr(request.app.state, "policy", None)
     rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
     head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
             "model": gen.adapter or state.model_id}
@@ -272,7 +277,7 @@ async def respond(request: Request, state: ServerState, gen: Generation, chat: b
                         yield sse({**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                                         "logprobs": None, "finish_reason": None}]})
                 offsets = [0] * len(gen.choices)
-                async for choice, text, token in gen.events(request):
+                async for choice, text, token in policy_stage.filtered(request, policy, gen, context or []):
                     sent[choice.index].append(text)
                     lp = None
                     if gen.params.logprobs is not None and token is not None and token.logprob is not None:
@@ -313,7 +318,7 @@ async def respond(request: Request, state: ServerState, gen: Generation, chat: b
     texts = [[] for _ in gen.choices]
     tokens: list[list[Token]] = [[] for _ in gen.choices]
     try:
-        async for choice, text, token in gen.events(request):
+        async for choice, text, token in policy_stage.filtered(request, policy, gen, context or []):
             texts[choice.index].append(text)
             if chat:
                 outputs[choice.index].add(text, token.id if token is not None else None)
@@ -361,7 +366,8 @@ async def chat_completions(request: Request) -> Response:
     adapter = check_model(body, state)
     params = parse_common(body, state.limits, chat=True)
     tools = tool_stage.parse_request(body, state.chat_template)
-    messages, extra = tool_stage.prepare(messages_of(body), state.chat_template, tools)
+    checked = await policy_stage.check_messages(request, request.app.state.policy, messages_of(body))  # may block
+    messages, extra = tool_stage.prepare(checked, state.chat_template, tools)
     try:
         prompt = chat_mod.encode_chat(state.tokenizer, messages, state.chat_template, **extra)
     except chat_mod.TemplateError as e:
@@ -369,7 +375,8 @@ async def chat_completions(request: Request) -> Response:
     max_tokens = check_fits(len(prompt), params.max_tokens, state.limits, "messages")
     constrained_fits(state, params, max_tokens)
     tool_stage.check_fits(tools, params, max_tokens, state.engine.tokens_for)
-    return await respond(request, state, Generation(state, prompt, params, max_tokens, adapter, tools), chat=True)
+    return await respond(request, state, Generation(state, prompt, params, max_tokens, adapter, tools), chat=True,
+                         context=policy_stage.conversation(checked))
 
 
 async def completions(request: Request) -> Response:
@@ -379,7 +386,7 @@ async def completions(request: Request) -> Response:
     params = parse_common(body, state.limits, chat=False)
     if params.echo and params.stream:
         raise ApiError(400, "'echo' is supported without 'stream' only", "echo", "invalid_value")
-    prompt = prompt_of(body)
+    prompt = await policy_stage.check_prompt(request, request.app.state.policy, prompt_of(body))  # may block
     if isinstance(prompt, str):
         ids = state.tokenizer.encode(prompt, special=True, bos=True)
     else:
@@ -388,7 +395,9 @@ async def completions(request: Request) -> Response:
         ids = prompt
     max_tokens = check_fits(len(ids), params.max_tokens, state.limits, "prompt")
     constrained_fits(state, params, max_tokens)
-    return await respond(request, state, Generation(state, ids, params, max_tokens, adapter), chat=False)
+    context = [{"role": "user", "content": prompt if isinstance(prompt, str) else state.tokenizer.decode(prompt)}]
+    return await respond(request, state, Generation(state, ids, params, max_tokens, adapter), chat=False,
+                         context=context)
 
 
 def model_objects(state: ServerState, registry=None) -> list[dict]:
@@ -547,11 +556,13 @@ def retrieval_routes() -> list[Route]:
             *(Route(p, leased(rerank), methods=["POST"]) for p in ("/v1/rerank", "/v2/rerank", "/rerank"))]
 
 
-def create_app(state: ServerState, cors_origins: list[str] | None = None, registry=None, audit=None) -> Starlette:
+def create_app(state: ServerState, cors_origins: list[str] | None = None, registry=None, audit=None,
+               policy=None) -> Starlette:
     """The ASGI app. The engine is started and stopped with the app's lifespan.
 
     registry (camelid/serve/registry.py): several models, `state` being the first (loaded) one.
-    audit: a camelid.audit.AuditLog, written one record per request (camelid/serve/audit.py)."""
+    audit: a camelid.audit.AuditLog, written one record per request (camelid/serve/audit.py).
+    policy (camelid/serve/policy.py): content rules and a guard model on every generation path."""
     routes = [
         Route("/", index),
         Route("/health", health),
@@ -563,6 +574,7 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None, regist
         Route("/tokenize", leased(tokenize), methods=["POST"]),
         Route("/detokenize", leased(detokenize), methods=["POST"]),
         *retrieval_routes(),
+        Route("/v1/moderations", policy_stage.moderations, methods=["POST"]),  # the content policy's guard and rules
     ]
     middleware = []
     if cors_origins:
@@ -601,6 +613,7 @@ def create_app(state: ServerState, cors_origins: list[str] | None = None, regist
                                         Exception: server_error})
     app.state.camelid = state
     app.state.registry = registry
+    app.state.policy = policy
     return app
 
 

@@ -97,6 +97,12 @@ class Metrics:
                                     "concurrency, daily_tokens: 429; endpoint, model: 403; max_tokens: 400)")
         self.key_auth_failures = Counter("camelid_key_auth_failures_total",
                                          "401s by reason (missing, unknown, revoked, expired)")
+        # the content policy (camelid/serve/policy.py)
+        self.policy_blocks = Counter("camelid_policy_blocks_total", "requests or answers blocked, by key, stage and "
+                                     "category (a guard category code, or the rule's name)")
+        self.policy_verdicts = Counter("camelid_policy_verdicts_total", "policy hits by stage, source and action")
+        self.guard_latency = Histogram("camelid_guard_latency_seconds", "time of one guard model check")
+        self.guard_failures = Counter("camelid_guard_failures_total", "guard checks that failed (the request failed closed)")
         self.gauges = [
             Gauge("camelid_queue_depth", "sequences waiting for a slot", lambda: engine.queued),
             Gauge("camelid_running_sequences", "sequences holding a slot", lambda: engine.active),
@@ -118,6 +124,8 @@ class Metrics:
     def render(self) -> str:
         lines: list[str] = []
         keys = (self.key_requests, self.key_tokens, self.key_refusals, self.key_auth_failures)
-        for m in (self.requests, self.prompt_tokens, self.completion_tokens, self.latency, self.ttft, *keys, *self.gauges):
+        policy = (self.policy_blocks, self.policy_verdicts, self.guard_latency, self.guard_failures)
+        for m in (self.requests, self.prompt_tokens, self.completion_tokens, self.latency, self.ttft, *keys, *policy,
+                  *self.gauges):
             lines += m.render()
         return "\n".join(lines) + "\n"
