@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cpu import cpu_has_native_bf16  # precision auto (also imported from here by tests and bench)
 from ..errors import CamelidError
 from ..progress import Progress
 from . import checkpoint
@@ -123,23 +124,6 @@ class TrainResult:
 
 
 # --- precision -----------------------------------------------------------------------------------------------
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (x86 AVX512-BF16 or AMX, Arm BF16), checked at run time:
-    oneDNN must support bf16 here and the CPU must report the instructions (plain AVX512 only emulates them)."""
-    try:
-        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-            return False
-    except (AttributeError, RuntimeError):
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:  # not Linux: no way to tell the native instructions from emulation
-        return False
-    words = set(info.replace(":", " ").split())
-    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

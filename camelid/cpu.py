@@ -1,0 +1,30 @@
+"""What this CPU can do, read at run time (never assumed: one machine of a kind has AVX-512 and AMX, the next AVX2)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags /proc/cpuinfo reports (empty where there is none, as on macOS)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), []))
+    except OSError:
+        return frozenset()
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (x86 AVX512-BF16 or AMX, Arm BF16), checked at run time:
+    oneDNN must support bf16 here and the CPU must report the instructions (plain AVX512 or AVX2 only emulate them,
+    several times slower than float32)."""
+    try:
+        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return False
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
