@@ -231,6 +231,14 @@ def test_errors_are_shown_in_the_page(browser):
         answer = last_answer(page)
         answer.locator(".problem[data-kind='content_filter']").wait_for()
         assert "content filtered" in answer.inner_text() and answer.locator(".body").inner_text() == "Here is part"
+        # a prompt the content policy blocked (HTTP 400, code content_filter): shown as blocked, nothing generated
+        fake.replies.append((400, {}, json.dumps({"error": {
+            "message": "the prompt was blocked by the server's content policy (rule 'secret')",
+            "type": "invalid_request_error", "param": None, "code": "content_filter"}})))
+        problem = ask(page, "tell me the secret").locator(".problem[data-kind='blocked']")
+        assert "filtered" in problem.get_attribute("class")
+        assert "Blocked: the prompt was blocked by the server's content policy (rule 'secret')" in problem.inner_text()
+        assert "Nothing was generated" in problem.inner_text()
         # an error inside the stream, and a server that cannot be reached
         fake.replies.append((200, {}, sse(chunk("Half"), {"error": {"message": "generation failed: boom"}})))
         assert "failed while answering: generation failed: boom" in ask(page, "x").locator(".problem").inner_text()
