@@ -136,7 +136,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--configs", default=None, help="comma-separated (default: all; peft-lora-bf16 only where the CPU "
+                    "has native bfloat16: elsewhere it is emulated, several times slower, and measures nothing useful)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--path", default=None, help=argparse.SUPPRESS)
@@ -151,6 +152,10 @@ def main() -> None:
     from camelid.store import resolve
 
     path = str(resolve(args.model))
+    if args.configs is None:
+        from camelid.cpu import cpu_has_native_bf16
+
+        args.configs = ",".join(c for c in CONFIGS if c != "peft-lora-bf16" or cpu_has_native_bf16())
     results: dict[str, list[dict]] = {}
     for rep in range(args.repeats):
         for config in args.configs.split(","):  # interleaved, so drift in the machine's speed hits every config alike
