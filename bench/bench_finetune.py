@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -111,13 +110,9 @@ def worker(config: str, path: str, seq_len: int, steps: int, warmup: int) -> dic
 
 
 def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from camelid.cpu import cpu_model
+
+    return cpu_model()
 
 
 def _cpu_flags() -> str:

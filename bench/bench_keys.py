@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import platform
 import statistics
 import tempfile
 import time
@@ -18,13 +17,9 @@ from pathlib import Path
 
 
 def lscpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    from camelid.cpu import cpu_model
+
+    return cpu_model()
 
 
 async def median_ms(app, path: str, body: dict, secret: str | None, n: int) -> float:

@@ -28,3 +28,15 @@ def cpu_has_native_bf16() -> bool:
     except (AttributeError, RuntimeError):
         return False
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_model() -> str:
+    """The CPU's model name, to print next to every figure (platform's guess where /proc/cpuinfo has none)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return name or platform.processor() or platform.machine() or "unknown CPU"
