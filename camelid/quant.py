@@ -19,8 +19,9 @@ Other GGUF types (Q2_K, Q3_K, IQ*) are dequantized once and requantized to int4 
 
 Long prefills (many tokens per row) are compute-bound, where the int4 kernel is slower than a dense product: a
 call with at least DENSE_MIN_TOKENS tokens per row dequantizes the weight for the duration of that call, to
-bfloat16 where the CPU has it natively and to float32 where it is only emulated (dense_dtype()) (the dequantization costs about as much as the kernel on ~100 tokens, so shorter
-prompts and decode take the kernel). The choice goes by tokens per row, not by total rows, and generate.prefill
+bfloat16 where the CPU has it natively and to float32 where it is only emulated (dense_dtype()); the
+dequantization costs about as much as the kernel on ~100 tokens, so shorter
+prompts and decode take the kernel. The choice goes by tokens per row, not by total rows, and generate.prefill
 runs each row on its own, so a row takes the same path alone or batched beside others (the same greedy output).
 """
 

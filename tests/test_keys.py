@@ -533,3 +533,33 @@ def test_cli_keys_and_serve_without_restart(tmp_path, capsys):
     assert ledger["tokens"]["alice"] >= len(PROMPT) + 1 and "bob" not in ledger["tokens"]
     rows = {k["name"]: k for k in json.loads(cli(capsys, "keys", "list", "--json", "--file", str(keys))[1])}
     assert rows["alice"]["tokens_today"] == ledger["tokens"]["alice"] and rows["alice"]["status"] == "revoked"
+
+
+def test_each_key_reuses_only_its_own_cached_prompts(tmp_path):
+    """The prompt cache per key (issue 17): a key's repeat reuses its own blocks; another key's same prompt reuses
+    nothing of them; every answer is the same."""
+    from starlette.testclient import TestClient
+
+    from camelid.serve import build_state
+    from camelid.serve.app import create_app
+
+    model = tmp_path / "tiny.gguf"
+    write_gguf(model, Spec(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, context_length=128),
+               byte_level_vocab(), G.Q8_0)
+    keys = tmp_path / "keys.json"
+    _, alice = add_key(keys, "alice")
+    _, bob = add_key(keys, "bob")
+    state = build_state(str(model), max_concurrency=2, max_seq_len=128, model_id="tiny", cache_mb=16)
+    state.keys = KeyStore(keys)
+    body = {"prompt": "The same long system prompt for every tenant, then a question:", "max_tokens": 4,
+            "temperature": 0}
+    with TestClient(create_app(state)) as client:
+        def ask(secret: str) -> dict:
+            r = client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {secret}"})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        first, again, other, other_again = ask(alice), ask(alice), ask(bob), ask(bob)
+    cached = [r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in (first, again, other, other_again)]
+    assert cached[0] == 0 and cached[1] > 0 and cached[2] == 0 and cached[3] > 0, cached
+    assert len({r["choices"][0]["text"] for r in (first, again, other, other_again)}) == 1

@@ -74,7 +74,9 @@ def test_required_and_named_calls_are_valid_every_time(client, stream):
         else:
             r = client.chat.completions.create(**kw)
             calls, reason = calls_of(r.choices[0].message), r.choices[0].finish_reason
-        assert calls and reason == "tool_calls", (ask, choice)
+        # a sampled string argument can reach max_tokens: the grammar then closes the call in the tokens left, so the
+        # call is still valid and the finish reason says "length" (as OpenAI's does at max_tokens)
+        assert calls and reason in ("tool_calls", "length"), (ask, choice, reason)
         for name, args in calls:
             assert valid(name, args), (name, args)
         if isinstance(choice, dict):

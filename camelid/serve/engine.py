@@ -268,9 +268,10 @@ class Engine:
         self.rows[0] = Sequence_(tokens, 0, _ignore, adapter=adapter, salt=salt, background=True, slot=0)
 
     def _reserve(self) -> None:
-        """Tell the prompt cache's store how many bytes of KV the running rows hold now."""
+        """Tell the prompt cache's store how many bytes of KV the running requests hold now (not a background fill:
+        its KV is on its way into the store, which counts it there)."""
         if self.prompt_cache.enabled:
-            held = sum(min(s.pos, slots) * nbytes for s in self.rows if s is not None
+            held = sum(min(s.pos, slots) * nbytes for s in self.rows if s is not None and not s.background
                        for slots, nbytes in self._kv_per_position)
             self.prompt_cache.store.reserve(self, held)
 
