@@ -249,15 +249,11 @@ def machine() -> dict:
 
     import torch
 
-    flags = ""
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor()) \
-        if os.path.exists("/proc/cpuinfo") else platform.processor()
+    from .cpu import cpu_flags, cpu_model
+
+    flags, cpu = cpu_flags(), cpu_model()
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "avx512": " avx512f" in flags, "amx": " amx_tile" in flags, "cuda": torch.cuda.is_available()}
+            "avx512": "avx512f" in flags, "amx": "amx_tile" in flags, "cuda": torch.cuda.is_available()}
 
 
 def run(path: str, threads: int, vs: list[str], repeats: int = 3, quant: str | None = "auto", progress=None) -> dict:

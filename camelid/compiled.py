@@ -68,15 +68,12 @@ def decode_step(model):
 
 def cpu_features() -> str:
     """The CPU's instruction-set flags that matter to generated code (part of the package key)."""
-    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
     import platform
 
-    return platform.machine() + ":" + ",".join(w for w in wanted if w in flags)
+    from .cpu import cpu_flags
+
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+    return platform.machine() + ":" + ",".join(w for w in wanted if w in cpu_flags())
 
 
 def package_path(model_path: str | os.PathLike, quant: str | None, dtype: str = "torch.float32") -> Path:

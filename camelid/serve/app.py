@@ -51,9 +51,10 @@ class ServerState:
 
 def record(request: Request, **fields) -> dict:
     """What this request did, for the stages that judge or log it after the answer (keys' token budgets, the audit
-    log): `model`, `prompt` (the text the model read), `answer` (what it wrote, choices joined by NUL), `usage`,
-    `finish_reason`, `verdicts`. It lives in the ASGI scope, so pure-ASGI middleware reads it when the response ends;
-    a middleware that wants it across scope copies creates `scope["camelid.record"] = {}` first."""
+    log): `model`, `prompt` (the text the model read, or a function giving it: decoded only when a stage wants it),
+    `answer` (what it wrote, choices joined by NUL), `usage`, `finish_reason`, `verdicts`. It lives in the ASGI
+    scope, so pure-ASGI middleware reads it when the response ends; a middleware that wants it across scope copies
+    creates `scope["camelid.record"] = {}` first."""
     rec = request.scope.setdefault("camelid.record", {})
     rec.update(fields)
     return rec
@@ -275,7 +276,7 @@ async def respond(request: Request, state: ServerState, gen: Generation, chat: b
     tok = state.tokenizer
     markers = tool_stage.marker_ids(tok, gen.tools)
     outputs = [ChatOutput(gen.tools, markers) for _ in gen.choices]  # each choice's message (content, tool calls)
-    record(request, model=head["model"], prompt=tok.decode(gen.prompt, special=True))
+    record(request, model=head["model"], prompt=lambda: tok.decode(gen.prompt, special=True))  # the audit log decodes it
     if gen.params.stream:
         sent: list[list[str]] = [[] for _ in gen.choices]
 

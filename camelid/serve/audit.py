@@ -37,6 +37,7 @@ def audit_fields(log: AuditLog, scope: dict, status: int | None, latency: float,
               "finish_reason": rec.get("finish_reason"), "verdicts": rec.get("verdicts") or []}
     for name in ("prompt", "answer"):
         text = rec.get(name)
+        text = text() if callable(text) else text  # app.record() leaves the prompt to be decoded here
         if isinstance(text, str):
             fields[f"{name}_hmac"] = log.key.keyed_hash(text)
             if log.text:
