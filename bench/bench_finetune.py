@@ -1,7 +1,8 @@
 """Fine-tuning throughput and memory: camelid LoRA, QLoRA and full fine-tuning against transformers + peft (LoRA) and
 transformers alone (full), on the same model file, the same token ids and the same sequence length, in one run.
 
-    python bench/bench_finetune.py [MODEL] [--seq-len 256] [--steps 8] [--warmup 2] [--threads N] [--repeats 3] [--json]
+    python bench/bench_finetune.py [MODEL] [--seq-len 256] [--steps 8] [--warmup 2] [--threads N] [--repeats 3]
+                                   [--data text|chat] [--json]
 
 Every configuration runs in a process of its own (so peak RSS is its own) and trains `warmup + steps` optimizer
 steps of batch 1 x seq-len tokens with AdamW; tokens/s is the median over the measured steps (the warm-up steps are
@@ -9,6 +10,11 @@ not counted), and each figure is the median over --repeats processes. All use Lo
 seven block linears (q,k,v,o,gate,up,down). camelid runs the real `camelid.finetune` path (precision auto: bf16
 autocast where the CPU has it); transformers runs float32 (what a user gets by default on CPU) and, for LoRA, also
 bf16 autocast, so the comparison with the same arithmetic is in the table too.
+
+--data text (default): rows of plain text, every token trained. --data chat: each row one multi-turn conversation
+(the question/answer pairs of examples/facts, as many as fit in seq-len), rendered by camelid's chat-template code,
+only the assistant's tokens trained (the default of `camelid finetune`); transformers gets the same token ids with
+the prompt's labels set to -100, so both compute the same loss on the same rows.
 Not a test: it prints a table (and --json) and asserts nothing.
 """
 
@@ -25,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ("camelid-lora", "camelid-qlora", "camelid-full", "peft-lora", "peft-lora-bf16", "transformers-full")
 TEXT = ("Llamas are domesticated South American camelids, widely used as meat and pack animals by Andean cultures "
         "since the pre-Columbian era. They are social animals and live with others as a herd. Their wool is soft "
@@ -44,29 +51,62 @@ def _ids(path: str, seq_len: int, rows: int) -> list[list[int]]:
     return [ids[i * seq_len:(i + 1) * seq_len] for i in range(rows)]
 
 
-def _worker_camelid(path: str, method: str, seq_len: int, steps: int, warmup: int) -> dict:
+def _chat_file(path: str, seq_len: int, rows: int, out: Path) -> Path:
+    """`rows` conversations, each as many examples/facts question/answer turns as fit in seq_len tokens."""
+    from camelid.formats import read
+    from camelid.train.data import load_samples
+
+    pairs = [json.loads(line)["messages"] for line in (REPO / "examples" / "facts" / "train.jsonl").read_text().splitlines()]
+    tokenizer, records, i = read(path).tokenizer, [], 0
+    for _ in range(rows):
+        messages: list[dict] = []
+        while True:
+            candidate = messages + pairs[i % len(pairs)]
+            out.write_text(json.dumps({"messages": candidate}) + "\n")
+            if len(load_samples(out, tokenizer, seq_len=10**6)[0][0].ids) > seq_len:
+                break
+            messages, i = candidate, i + 1
+        records.append(json.dumps({"messages": messages}))
+    out.write_text("\n".join(records) + "\n")
+    return out
+
+
+def _rows(path: str, data: str, seq_len: int, rows: int, tmp: Path) -> tuple[Path, list[tuple[list[int], list[int]]]]:
+    """The data file camelid trains on, and the same rows as (token ids, labels with -100 where untrained)."""
+    from camelid.formats import read
+
+    if data == "chat":
+        from camelid.train.data import load_samples
+
+        file = _chat_file(path, seq_len, rows, tmp / "data.jsonl")
+        samples = load_samples(file, read(path).tokenizer, seq_len=seq_len)[0]
+        return file, [(s.ids, [t if keep else -100 for t, keep in zip(s.ids, s.trained, strict=True)]) for s in samples]
+    tokenizer, file = read(path).tokenizer, tmp / "data.jsonl"
+    ids = _ids(path, seq_len, rows)
+    # one record per row, decoded from the same ids (round trip checked): packing then gives one row per step
+    with file.open("w") as f:
+        for row in ids:
+            f.write(json.dumps({"text": tokenizer.decode(row[: seq_len - 2])}) + "\n")
+    return file, [(row, row) for row in ids]
+
+
+def _worker_camelid(path: str, method: str, seq_len: int, steps: int, warmup: int, data_kind: str = "text") -> dict:
     import camelid
 
-    ids = _ids(path, seq_len, steps + warmup)
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data.jsonl"
-        from camelid.formats import read
-
-        tokenizer = read(path).tokenizer
-        # one record per row, decoded from the same ids (round trip checked): packing then gives one row per step
-        with data.open("w") as f:
-            for row in ids:
-                f.write(json.dumps({"text": tokenizer.decode(row[: seq_len - 2])}) + "\n")
+        data, _ = _rows(path, data_kind, seq_len, steps + warmup, Path(tmp))
         out = Path(tmp) / "out"
         camelid.finetune(path, data, out, method=method, steps=steps + warmup, seq_len=seq_len, batch_size=1,
-                         rank=8, alpha=16, dropout=0.0, lr=1e-4, warmup_steps=1, eval_every=10**6, progress=False)
+                         rank=8, alpha=16, dropout=0.0, lr=1e-4, warmup_steps=1, eval_every=10**6, progress=False,
+                         pack=data_kind == "text")
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     measured = rows[warmup:]
     tps = statistics.median(r["tokens_per_s"] for r in measured)
     return {"tokens_per_s": tps, "peak_rss_mb": _rss_mb(), "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"]}
 
 
-def _worker_transformers(path: str, method: str, seq_len: int, steps: int, warmup: int, bf16: bool = False) -> dict:
+def _worker_transformers(path: str, method: str, seq_len: int, steps: int, warmup: int, bf16: bool = False,
+                         data_kind: str = "text") -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -84,29 +124,30 @@ def _worker_transformers(path: str, method: str, seq_len: int, steps: int, warmu
     model.train()
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    ids = _ids(path, seq_len, steps + warmup)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = _rows(path, data_kind, seq_len, steps + warmup, Path(tmp))[1]
     times, losses = [], []
-    for row in ids:
+    for row, labels in rows:
         x = torch.tensor([row])
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=x, labels=x).loss
+            loss = model(input_ids=x, labels=torch.tensor([labels])).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t)
+        times.append((len(row) - 1) / (time.perf_counter() - t))
         losses.append(float(loss))
-    tps = statistics.median((seq_len - 1) / t for t in times[warmup:])
+    tps = statistics.median(times[warmup:])
     return {"tokens_per_s": tps, "peak_rss_mb": _rss_mb(), "loss_first": losses[0], "loss_last": losses[-1]}
 
 
-def worker(config: str, path: str, seq_len: int, steps: int, warmup: int) -> dict:
+def worker(config: str, path: str, seq_len: int, steps: int, warmup: int, data_kind: str = "text") -> dict:
     engine, method = config.split("-", 1)
     if engine == "camelid":
-        return _worker_camelid(path, method, seq_len, steps, warmup)
+        return _worker_camelid(path, method, seq_len, steps, warmup, data_kind)
     return _worker_transformers(path, "lora" if method.startswith("lora") else "full", seq_len, steps, warmup,
-                                bf16=method.endswith("bf16"))
+                                bf16=method.endswith("bf16"), data_kind=data_kind)
 
 
 def _cpu() -> str:
@@ -133,6 +174,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--configs", default=None, help="comma-separated (default: all; peft-lora-bf16 only where the CPU "
                     "has native bfloat16: elsewhere it is emulated, several times slower, and measures nothing useful)")
+    ap.add_argument("--data", choices=("text", "chat"), default="text",
+                    help="text: every token trained; chat: conversations, the assistant's tokens trained (see above)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--path", default=None, help=argparse.SUPPRESS)
@@ -142,7 +185,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(threads)
-        print(json.dumps(worker(args.worker, args.path, args.seq_len, args.steps, args.warmup)))
+        print(json.dumps(worker(args.worker, args.path, args.seq_len, args.steps, args.warmup, args.data)))
         return
     from camelid.store import resolve
 
@@ -156,7 +199,7 @@ def main() -> None:
         for config in args.configs.split(","):  # interleaved, so drift in the machine's speed hits every config alike
             print(f"[{rep + 1}/{args.repeats}] {config} ...", file=sys.stderr, flush=True)
             cmd = [sys.executable, __file__, "--worker", config, "--path", path, "--seq-len", str(args.seq_len),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(threads)]
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(threads), "--data", args.data]
             r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
             if r.returncode != 0:
                 print(f"{config} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}",
@@ -164,13 +207,13 @@ def main() -> None:
                 continue
             results.setdefault(config, []).append(json.loads(r.stdout.strip().splitlines()[-1]))
     med = {c: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for c, rs in results.items()}
-    summary = {"cpu": _cpu(), "cpu_features": _cpu_flags(), "threads": threads, "seq_len": args.seq_len,
+    summary = {"cpu": _cpu(), "cpu_features": _cpu_flags(), "threads": threads, "seq_len": args.seq_len, "data": args.data,
                "steps": args.steps, "repeats": args.repeats, "model": path, "results": med}
     if args.json:
         print(json.dumps(summary, indent=1))
         return
     peer = {"camelid-lora": "peft-lora", "camelid-qlora": "peft-lora", "camelid-full": "transformers-full"}
-    print(f"CPU: {summary['cpu']} ({summary['cpu_features']}), {threads} threads; seq {args.seq_len}, batch 1, "
+    print(f"CPU: {summary['cpu']} ({summary['cpu_features']}), {threads} threads; {args.data} data, seq {args.seq_len}, batch 1, "
           f"{args.steps} measured steps after {args.warmup}; medians of {args.repeats} processes\n")
     print("| configuration | tokens/s | peak RSS MB | tokens/s vs peer | RSS vs peer | loss first -> last |")
     print("|---|---|---|---|---|---|")

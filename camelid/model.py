@@ -262,7 +262,9 @@ class Transformer(nn.Module):
         segments: torch.Tensor | None = None,
         hidden: bool = False,
     ) -> torch.Tensor:
-        """tokens [B,T] -> logits [B,T,V], or [B,1,V] at index logits_at[b] of each row ([B,K,V] at logits_at[b, k]).
+        """tokens [B,T] -> logits [B,T,V], or [B,1,V] at index logits_at[b] of each row ([B,K,V] at logits_at[b, k]);
+        a boolean logits_at [B,T] gives the logits of its True positions only, [N,V] in row-major order (training:
+        the positions that have a target, so the output layer never runs where the loss ignores it).
 
         positions [B,T] give each token's position (default 0..T-1); with a cache, keys and values are
         written at those positions and each token attends to every cached position up to its own.
@@ -286,8 +288,12 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)  # [B,T,D]
         for layer in self.layers:
             x = layer(x, cos, sin, positions, cache, mask)
-        if logits_at is not None:  # [B]: one position per row -> [B,1,V]; [B,K]: K positions per row -> [B,K,V]
+        selected = logits_at is not None and logits_at.dtype == torch.bool
+        if selected:  # [B,T] -> the selected positions as one row [1,N,D] (a long row: the dense product when quantized)
+            x = x[logits_at][None]
+        elif logits_at is not None:  # [B]: one position per row -> [B,1,V]; [B,K]: K positions per row -> [B,K,V]
             rows = torch.arange(B, device=x.device)
             x = x[rows, logits_at][:, None] if logits_at.dim() == 1 else x[rows[:, None], logits_at]
         x = self.norm(x)
-        return x if hidden else self.output(x).float()
+        out = x if hidden else self.output(x).float()
+        return out[0] if selected else out

@@ -291,13 +291,19 @@ class MetricsLog:
 
 
 def _forward_loss(model: nn.Module, batch, device: torch.device, precision: str) -> torch.Tensor:
-    """Sum of the token cross-entropies of `batch` (targets -100 ignored), in float32."""
+    """Sum of the token cross-entropies of `batch` (targets -100 ignored), in float32. The output layer runs only at
+    the positions that have a target (the assistant's tokens of a chat record, say): the same loss and gradients
+    as all logits with ignore_index, without the [T, vocabulary] products and their memory elsewhere."""
     kw = {} if batch.segments is None else {"segments": batch.segments.to(device, non_blocking=True)}
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        logits = model(batch.tokens.to(device, non_blocking=True),
-                       positions=batch.positions.to(device, non_blocking=True), **kw)
     targets = batch.targets.to(device, non_blocking=True)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    wanted = targets != -100
+    every = bool(wanted.all())  # pretraining: every position (and the compiled model keeps one static graph)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = model(batch.tokens.to(device, non_blocking=True), positions=batch.positions.to(device, non_blocking=True),
+                       logits_at=None if every else wanted, **kw)
+    if every:
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+    return F.cross_entropy(logits.float(), targets[wanted], reduction="sum")  # [N,V], [N]
 
 
 def _grad_norm(params: list[nn.Parameter], max_norm: float | None) -> float:
