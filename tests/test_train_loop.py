@@ -172,6 +172,23 @@ def test_accumulated_loss_and_gradient_equal_the_whole_batch_mean(tmp_path):
     assert result.steps == 1 and result.loss == record["loss"]
 
 
+def test_boolean_logits_at_gives_the_selected_positions_only():
+    """The loss's output layer runs only where a target is: Transformer(logits_at=bool [B,T]) is the full logits at
+    the True positions, row-major, with the gradient flowing to the blocks as through the full logits."""
+    model = tiny_model()
+    batch = toy_batch(3, 2)
+    wanted = batch.targets != -100
+    assert 0 < int(wanted.sum()) < wanted.numel()
+    picked = model(batch.tokens, logits_at=wanted)
+    full = model(batch.tokens)
+    assert picked.shape == (int(wanted.sum()), VOCAB)
+    torch.testing.assert_close(picked, full[wanted], rtol=1e-5, atol=1e-6)
+    (g1,) = torch.autograd.grad(F.cross_entropy(picked, batch.targets[wanted], reduction="sum"), model.layers[0].attention.wo.weight)
+    ce = F.cross_entropy(full.flatten(0, 1), batch.targets.flatten(), ignore_index=-100, reduction="sum")
+    (g2,) = torch.autograd.grad(ce, model.layers[0].attention.wo.weight)
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+
+
 def test_only_trainable_parameters_change_and_are_checkpointed(tmp_path):
     model = tiny_model(lora=True)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -437,19 +454,3 @@ def main() -> None:
 if __name__ == "__main__":
     main()
 
-
-def test_boolean_logits_at_gives_the_selected_positions_only():
-    """The loss's output layer runs only where a target is: Transformer(logits_at=bool [B,T]) is the full logits at
-    the True positions, row-major, with the gradient flowing to the blocks as through the full logits."""
-    model = tiny_model()
-    batch = toy_batch(3, 2)
-    wanted = batch.targets != -100
-    assert 0 < int(wanted.sum()) < wanted.numel()
-    picked = model(batch.tokens, logits_at=wanted)
-    full = model(batch.tokens)
-    assert picked.shape == (int(wanted.sum()), VOCAB)
-    torch.testing.assert_close(picked, full[wanted], rtol=1e-5, atol=1e-6)
-    (g1,) = torch.autograd.grad(F.cross_entropy(picked, batch.targets[wanted], reduction="sum"), model.layers[0].attention.wo.weight)
-    ce = F.cross_entropy(full.flatten(0, 1), batch.targets.flatten(), ignore_index=-100, reduction="sum")
-    (g2,) = torch.autograd.grad(ce, model.layers[0].attention.wo.weight)
-    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)

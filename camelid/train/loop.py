@@ -301,9 +301,8 @@ def _forward_loss(model: nn.Module, batch, device: torch.device, precision: str)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         logits = model(batch.tokens.to(device, non_blocking=True), positions=batch.positions.to(device, non_blocking=True),
                        logits_at=None if every else wanted, **kw)
-    if every:
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
-    return F.cross_entropy(logits.float(), targets[wanted], reduction="sum")  # [N,V], [N]
+    # logits [B,T,V] at every position, or [N,V] at the wanted ones
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten() if every else targets[wanted], reduction="sum")
 
 
 def _grad_norm(params: list[nn.Parameter], max_norm: float | None) -> float:
