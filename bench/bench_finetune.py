@@ -8,8 +8,10 @@ Every configuration runs in a process of its own (so peak RSS is its own) and tr
 steps of batch 1 x seq-len tokens with AdamW; tokens/s is the median over the measured steps (the warm-up steps are
 not counted), and each figure is the median over --repeats processes. All use LoRA r=8, alpha=16, dropout 0 on all
 seven block linears (q,k,v,o,gate,up,down). camelid runs the real `camelid.finetune` path (precision auto: bf16
-autocast where the CPU has it); transformers runs float32 (what a user gets by default on CPU) and, for LoRA, also
-bf16 autocast, so the comparison with the same arithmetic is in the table too.
+autocast where the CPU computes bfloat16 natively); transformers runs float32 (what a user gets by default on CPU)
+and, for LoRA, also bf16 autocast. Where the CPU has native bfloat16, camelid also runs with precision fp32
+(camelid-lora-fp32, camelid-full-fp32), and each camelid row is compared with the peer of the same arithmetic
+(the table's precision and peer columns): peft-lora-bf16 for camelid's bf16 LoRA, peft-lora for float32.
 
 --data text (default): rows of plain text, every token trained. --data chat: each row one multi-turn conversation
 (the question/answer pairs of examples/facts, as many as fit in seq-len), rendered by camelid's chat-template code,
@@ -32,7 +34,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ("camelid-lora", "camelid-qlora", "camelid-full", "peft-lora", "peft-lora-bf16", "transformers-full")
+CONFIGS = ("camelid-lora", "camelid-lora-fp32", "camelid-qlora", "camelid-full", "camelid-full-fp32", "peft-lora",
+           "peft-lora-bf16", "transformers-full")
+NEED_NATIVE_BF16 = ("camelid-lora-fp32", "camelid-full-fp32", "peft-lora-bf16")  # elsewhere fp32 is camelid's default
 TEXT = ("Llamas are domesticated South American camelids, widely used as meat and pack animals by Andean cultures "
         "since the pre-Columbian era. They are social animals and live with others as a herd. Their wool is soft "
         "and contains only a small amount of lanolin. Llamas can learn simple tasks after a few repetitions. When "
@@ -91,18 +95,25 @@ def _rows(path: str, data: str, seq_len: int, rows: int, tmp: Path) -> tuple[Pat
 
 
 def _worker_camelid(path: str, method: str, seq_len: int, steps: int, warmup: int, data_kind: str = "text") -> dict:
+    import torch
+
     import camelid
+    from camelid.train.loop import resolve_precision
+
+    method, _, precision = method.partition("-")
+    precision = resolve_precision(precision or "auto", torch.device("cpu"))
 
     with tempfile.TemporaryDirectory() as tmp:
         data, _ = _rows(path, data_kind, seq_len, steps + warmup, Path(tmp))
         out = Path(tmp) / "out"
         camelid.finetune(path, data, out, method=method, steps=steps + warmup, seq_len=seq_len, batch_size=1,
                          rank=8, alpha=16, dropout=0.0, lr=1e-4, warmup_steps=1, eval_every=10**6, progress=False,
-                         pack=data_kind == "text")
+                         pack=data_kind == "text", precision=precision)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     measured = rows[warmup:]
     tps = statistics.median(r["tokens_per_s"] for r in measured)
-    return {"tokens_per_s": tps, "peak_rss_mb": _rss_mb(), "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"]}
+    return {"tokens_per_s": tps, "peak_rss_mb": _rss_mb(), "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
+            "bf16": precision == "bf16"}
 
 
 def _worker_transformers(path: str, method: str, seq_len: int, steps: int, warmup: int, bf16: bool = False,
@@ -139,7 +150,7 @@ def _worker_transformers(path: str, method: str, seq_len: int, steps: int, warmu
         times.append((len(row) - 1) / (time.perf_counter() - t))
         losses.append(float(loss))
     tps = statistics.median(times[warmup:])
-    return {"tokens_per_s": tps, "peak_rss_mb": _rss_mb(), "loss_first": losses[0], "loss_last": losses[-1]}
+    return {"tokens_per_s": tps, "peak_rss_mb": _rss_mb(), "loss_first": losses[0], "loss_last": losses[-1], "bf16": bf16}
 
 
 def worker(config: str, path: str, seq_len: int, steps: int, warmup: int, data_kind: str = "text") -> dict:
@@ -193,7 +204,7 @@ def main() -> None:
     if args.configs is None:
         from camelid.cpu import cpu_has_native_bf16
 
-        args.configs = ",".join(c for c in CONFIGS if c != "peft-lora-bf16" or cpu_has_native_bf16())
+        args.configs = ",".join(c for c in CONFIGS if c not in NEED_NATIVE_BF16 or cpu_has_native_bf16())
     results: dict[str, list[dict]] = {}
     for rep in range(args.repeats):
         for config in args.configs.split(","):  # interleaved, so drift in the machine's speed hits every config alike
@@ -212,18 +223,26 @@ def main() -> None:
     if args.json:
         print(json.dumps(summary, indent=1))
         return
-    peer = {"camelid-lora": "peft-lora", "camelid-qlora": "peft-lora", "camelid-full": "transformers-full"}
+    def peer(config: str) -> str:
+        """The peer with the same arithmetic: peft under bf16 autocast where camelid's precision auto chose bf16."""
+        if config.startswith("camelid-full"):
+            return "transformers-full"  # float32: transformers' full fine-tuning has no bf16 variant here
+        if not config.startswith("camelid-"):
+            return ""
+        return "peft-lora-bf16" if med[config]["bf16"] and "peft-lora-bf16" in med else "peft-lora"
+
     print(f"CPU: {summary['cpu']} ({summary['cpu_features']}), {threads} threads; {args.data} data, seq {args.seq_len}, batch 1, "
           f"{args.steps} measured steps after {args.warmup}; medians of {args.repeats} processes\n")
-    print("| configuration | tokens/s | peak RSS MB | tokens/s vs peer | RSS vs peer | loss first -> last |")
-    print("|---|---|---|---|---|---|")
+    print("| configuration | precision | tokens/s | peak RSS MB | peer | tokens/s vs peer | RSS vs peer | loss first -> last |")
+    print("|---|---|---|---|---|---|---|---|")
     for c in CONFIGS:
         if c not in med:
             continue
-        m, p = med[c], med.get(peer.get(c, ""))
+        m, p = med[c], med.get(peer(c))
         ratio = f"{m['tokens_per_s'] / p['tokens_per_s']:.2f}x" if p else "-"
         rss = f"{m['peak_rss_mb'] / p['peak_rss_mb']:.2f}x" if p else "-"
-        print(f"| {c} | {m['tokens_per_s']:.1f} | {m['peak_rss_mb']:.0f} | {ratio} | {rss} | "
+        print(f"| {c} | {'bf16' if m['bf16'] else 'fp32'} | {m['tokens_per_s']:.1f} | {m['peak_rss_mb']:.0f} | "
+              f"{peer(c) if p else '-'} | {ratio} | {rss} | "
               f"{m['loss_first']:.3f} -> {m['loss_last']:.3f} |")
 
 
