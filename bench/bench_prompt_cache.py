@@ -57,8 +57,8 @@ def shared_prefix(base: str, model: str) -> list[float]:
             for q in QUESTIONS]
 
 
-def chat_turns(base: str, model: str) -> list[tuple[int, int]]:
-    """(prompt tokens, prompt tokens prefilled) per turn."""
+def chat_turns(base: str, model: str) -> list[tuple[int, int, int]]:
+    """(prompt tokens, prompt tokens prefilled, completion tokens) per turn."""
     history, out = [{"role": "system", "content": "You are a friendly bakery assistant."}], []
     for text in TURNS:
         history.append({"role": "user", "content": text})
@@ -66,7 +66,7 @@ def chat_turns(base: str, model: str) -> list[tuple[int, int]]:
         r = httpx.post(base + "/v1/chat/completions", json=body, timeout=600).json()
         usage = r["usage"]
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-        out.append((usage["prompt_tokens"], usage["prompt_tokens"] - cached))
+        out.append((usage["prompt_tokens"], usage["prompt_tokens"] - cached, usage["completion_tokens"]))
         history.append({"role": "assistant", "content": r["choices"][0]["message"]["content"]})
         time.sleep(1.0)  # the person reads the answer
     return out
@@ -97,9 +97,12 @@ def report(results: dict) -> None:
     for name, times in results["prefix"].items():
         rest = statistics.median(times[1:])
         print(f"| {name} | {times[0]:.2f} | {rest:.2f} | {rest / times[0]:.2f} |")
-    print("\n2) 6-turn chat: prompt tokens / prefilled per turn")
+    print("\n2) 6-turn chat: prompt tokens / prefilled per turn; extra = prefilled beyond the turn's new tokens")
+    print("   (new = prompt - the previous turn's prompt and answer tokens; the target is extra <= 8)")
     for name, turns in results["turns"].items():
-        print(f"| {name} | " + " | ".join(f"{p}/{f}" for p, f in turns) + " |")
+        print(f"| {name} | " + " | ".join(f"{p}/{f}" for p, f, _ in turns) + " |")
+        extra = [f - (p - q - c) for (p, f, _), (q, _, c) in zip(turns[1:], turns, strict=False)]
+        print(f"| {name} extra | - | " + " | ".join(str(e) for e in extra) + " |")
     print("\n3) 8 streams, no shared prefix: tok/s (median of runs)")
     for name, runs in results["throughput"].items():
         print(f"| {name} | {statistics.median(runs):.1f} | runs {', '.join(f'{r:.1f}' for r in runs)} |")
