@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", action="append", default=None, metavar="NAME=DIR",
                         help="serve the LoRA adapter folder DIR (peft's format) over the base as model NAME (repeatable; "
                              "a bare DIR is named after its folder). Requests choose by 'model'; the base's name means none")
+    parser.add_argument("--speculate", choices=("ngram", "none"), default="none",
+                        help="speculative decoding for requests that do not say (a request's 'speculate' overrides it): "
+                             "ngram = prompt lookup, for greedy rows decoding alone; the output is unchanged (default none)")
     parser.add_argument("--pooling", choices=("mean", "last", "cls"), default="mean",
                         help="how /v1/embeddings pools the final hidden states over a text's tokens when a request "
                              "does not say (default mean)")
@@ -110,7 +113,7 @@ def parse_adapters(values: list[str] | None, model_id: str) -> dict[str, str]:
 def build_state(model: str | None = None, api_key: str | None = None, max_concurrency: int = 8, max_queue: int | None = None,
                 max_seq_len: int = 4096, max_tokens: int | None = None, max_body_bytes: int = 1 << 20,
                 model_id: str | None = None, quant: str | None = "auto", adapters: dict[str, str] | None = None,
-                pooling: str = "mean", cache_mb: float = DEFAULT_CACHE_MB, store=None):
+                pooling: str = "mean", cache_mb: float = DEFAULT_CACHE_MB, store=None, speculate: str = "none"):
     """Load the model and make the engine and server state (nothing is started).
 
     adapters: {name: LoRA adapter folder}, served over the one base; a request picks one by its `model`."""
@@ -154,7 +157,8 @@ def build_state(model: str | None = None, api_key: str | None = None, max_concur
     engine = Engine(net, ckpt.tokenizer, max_concurrency=max_concurrency, max_seq_len=max_seq_len, max_queue=max_queue,
                     prompt_cache=prompt_cache)
     limits = Limits(max_seq_len=engine.max_seq_len, max_tokens=min(max_tokens or engine.max_seq_len, engine.max_seq_len),
-                    max_n=max_concurrency, max_body_bytes=max_body_bytes, vocab_size=ckpt.tokenizer.vocab_size)
+                    max_n=max_concurrency, max_body_bytes=max_body_bytes, vocab_size=ckpt.tokenizer.vocab_size,
+                    speculate=speculate)
     template = template_for(ckpt.tokenizer)[0]
     if store.enabled:
         warn_reuse(model_id, template, ckpt.tokenizer)
@@ -303,7 +307,8 @@ def main(args: argparse.Namespace) -> int:
               max_seq_len=args.max_seq_len, max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes,
               model_id=args.model_id, quant=None if args.reference else args.quant, keep_alive=args.keep_alive,
               adapters=parse_adapters(args.adapter, args.model_id or "") or None, pooling=args.pooling,
-              cache_mb=args.cache_mb, models=models, max_loaded=args.max_loaded, memory_mb=args.memory_mb,
+              cache_mb=args.cache_mb, speculate=args.speculate, models=models, max_loaded=args.max_loaded,
+              memory_mb=args.memory_mb,
               model_keep_alive=args.model_keep_alive, keys=args.keys, audit=audit_options(args),
               policy=args.policy, guard=args.guard, guard_version=args.guard_version)
     except CamelidError as e:

@@ -185,6 +185,7 @@ class Generation:
                 sampling = replace(sampling, seed=sampling.seed + i)
             seq = make_sequence(prompt, max_tokens, self._emitter(i), sampling=sampling, stop_ids=state.tokenizer.stop_ids,
                                 logprobs=params.logprobs, adapter=adapter, echo=params.echo, salt=params.cache_salt,
+                                speculate=params.speculate,
                                 constraint=JsonConstraint(params.schema) if params.schema is not None
                                 else tool_stage.constraint_for(tools))
             try:

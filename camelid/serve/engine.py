@@ -7,6 +7,11 @@ The engine runs in its own thread. Each step it
      streams one chunk of delay per step instead of stalling them.
 Between steps it runs at most one job given to `call` (an embedding or rerank forward over the same weights), so
 such work interleaves with the running streams instead of racing them for the model.
+A row asking for speculation (`speculate`: prompt lookup, camelid/speculate.py) that decodes alone, greedy and
+unconstrained, takes step 2 as one verification forward of its pending token and up to DRAFT_TOKENS drafted ones
+(every query attended as plain decoding attends it alone): it emits the tokens the model agrees with, the same
+tokens plain decoding gives, several per forward where the output copies its input. Beside other decoding rows it
+decodes plainly, since the batch already keeps the cores busy.
 Chunk boundaries (camelid/prompt_cache.py's schedule: `prefill_chunk` tokens, then small chunks for the
 tail) and sampling depend only on the sequence itself, never on its neighbours or on what is cached, so a
 greedy request gives the same tokens alone or beside others, with the prompt cache cold or warm.
@@ -35,6 +40,7 @@ from ..cache import KVCache
 from ..compiled import step_for
 from ..prompt_cache import BIG_CHUNK, SMALL_CHUNK, BlockStore, PromptCache
 from ..sampling import GREEDY, SamplingParams, apply_logit_bias, apply_penalties, filter_logits, sample
+from ..speculate import DRAFT_TOKENS, NgramDrafter
 from ..tokenizer import Tokenizer
 from .constrained import JsonConstraint
 
@@ -76,6 +82,7 @@ class Sequence_:
     prompt_logprobs: list[Token] = field(default_factory=list)
     salt: str | None = None  # cache_salt: reuse only blocks made under the same salt
     background: bool = False  # a fill: prefill only, to keep a finished reply's chunks; never emits
+    speculate: bool = False  # prompt-lookup speculative decoding when it decodes alone (greedy, unconstrained)
     # engine state
     slot: int = -1
     pos: int = 0  # tokens of this row in the cache
@@ -115,6 +122,8 @@ class Engine:
         self.generated_tokens = 0
         self.prompt_tokens = 0
         self.steps = 0
+        self.drafted_tokens = self.accepted_tokens = 0  # speculation: tokens proposed / confirmed by the model
+        self._ngram = NgramDrafter()
         self._special = torch.tensor(sorted(tokenizer.special_ids), dtype=torch.long)
         self._bytes_to_id = {b: i for i, b in enumerate(tokenizer.token_bytes) if i not in tokenizer.special_ids and b}
         self._max_token_len = max(len(b) for b in self._bytes_to_id)
@@ -280,7 +289,9 @@ class Engine:
         self._reserve()
         self.steps += 1
         decoding = [b for b, s in enumerate(self.rows) if s is not None and s.pending is not None]
-        if decoding:
+        if len(decoding) == 1 and self._speculative_step(decoding[0]):
+            pass
+        elif decoding:
             self._decode(decoding)
         # prefill: whole chunks, so boundaries never depend on the load; fewer while others are decoding
         budget = 1 if decoding else 4
@@ -309,6 +320,35 @@ class Engine:
             s = self.rows[b]
             s.pos += 1
             self._next_token(b, s, logits[b])
+
+    def _speculative_step(self, b: int) -> bool:
+        """Row b's next tokens from one forward over its pending token and the drafted ones; False (nothing done)
+        when the row does not speculate or nothing was drafted, so the step decodes plainly."""
+        s = self.rows[b]
+        if not s.speculate or not s.sampling.greedy or s.constraint is not None:
+            return False
+        room = min(DRAFT_TOKENS, s.max_tokens - len(s.generated) - 1, self.max_seq_len - s.pos - 1)
+        drafts = self._ngram.propose(s.prompt + s.generated, room, s.sampling, None)[0] if room > 0 else []
+        if not drafts:
+            return False
+        tokens = torch.tensor([[s.pending, *drafts]], dtype=torch.long, device=self.device)
+        positions = torch.arange(s.pos, s.pos + len(drafts) + 1, device=self.device)[None]
+        cache = self.cache.view(b, b + 1)
+        cache.query_by_query = True  # each query over its own prefix, as plain decoding computes it alone
+        self._use_adapters([s])
+        logits = self.model(tokens, positions, cache)[0].float().cpu()  # [1 + drafts, V]
+        self.drafted_tokens += len(drafts)
+        s.pos += 1  # the pending token's keys and values are in the cache now
+        for j, d in enumerate(drafts):
+            s.pending = None
+            self._next_token(b, s, logits[j])
+            if self.rows[b] is not s or s.pending != d:  # finished, or the model disagrees: its own token is next
+                return True
+            self.accepted_tokens += 1
+            s.pos += 1  # draft j was the model's token, and its keys and values were computed in this forward
+        s.pending = None  # every draft accepted: one more token from the last position
+        self._next_token(b, s, logits[len(drafts)])
+        return True
 
     def _prefill_chunk(self, b: int, s: Sequence_) -> None:
         pc = self.prompt_cache

@@ -35,6 +35,7 @@ class Limits:
     max_stop: int = 4
     max_top_logprobs: int = 20
     vocab_size: int | None = None  # token ids in logit_bias are checked against it
+    speculate: str = "none"  # the server's --speculate: what a request that does not say gets
 
 
 @dataclass
@@ -51,6 +52,7 @@ class GenParams:
     schema: Node | None = None
     echo: bool = False
     cache_salt: str | None = None  # the prompt cache reuses only blocks made under the same salt
+    speculate: bool = False  # prompt-lookup speculative decoding (greedy rows decoding alone; the output is unchanged)
 
 
 def _number(body: dict, name: str, default: float | None, lo: float, hi: float, integer: bool = False) -> Any:
@@ -199,7 +201,18 @@ def parse_common(body: dict, limits: Limits, chat: bool) -> GenParams:
         schema=_response_format(body),
         echo=echo,
         cache_salt=_cache_salt(body),
+        speculate=_speculate(body, limits),
     )
+
+
+def _speculate(body: dict, limits: Limits) -> bool:
+    value = body.get("speculate", limits.speculate)
+    if value is None:
+        value = limits.speculate
+    if value not in ("ngram", "none"):
+        raise ApiError(400, f"'speculate' must be 'ngram' or 'none', got {value!r} (draft models: camelid run/chat "
+                       "--speculate MODEL)", "speculate", "invalid_value")
+    return value == "ngram"
 
 
 def _cache_salt(body: dict) -> str | None:
