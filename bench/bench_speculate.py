@@ -1,7 +1,7 @@
 """Speculative decoding's speed-up, on an input-grounded task and on open-ended text, plain decoding measured in the
 same run on the same model.
 
-    python bench/bench_speculate.py [--model PATH] [--draft PATH] [--max-tokens 128] [--repeats 3] [--threads 2]
+    python bench/bench_speculate.py [--model PATH] [--draft PATH] [--max-tokens 128] [--repeats 3] [--threads 2] [--engine]
 
 Tasks (greedy, chat template): "edit" rewrites a given paragraph with one change (the answer copies most of its
 input: where prompt lookup pays), "code" adds a docstring to a given function, "open" writes a story from a one-line
@@ -9,6 +9,8 @@ request (nothing to copy: speculation must not cost more than 5% there). Drafter
 --draft, a draft model (here the only real weights are the default model, so a Q8_0/Q4_0 copy of it against its
 Q4_1 or F16 self tests the mechanism, not a realistic small-draft speed-up). Each cell: tokens/s, median over
 --repeats; the outputs are checked to be identical to plain decoding's. The machine is named; it may be shared.
+--engine runs every cell through the server's continuous-batching engine (camelid/serve/engine.py, one request at a
+time, the prompt cache off), as `camelid serve --speculate ngram|MODEL` decodes, instead of camelid.generate.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engine", action="store_true", help="through the server's engine, as camelid serve decodes")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -59,7 +62,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.draft:
         drafters["draft"] = ModelDrafter(load(args.draft).model)
     m = bench.machine()
-    print(f"# {llm.checkpoint.path.name}; draft {args.draft or '-'}; greedy, {args.max_tokens} tokens at most; "
+    engine = None
+    if args.engine:
+        from camelid.serve.engine import Engine
+
+        engine = Engine(llm.model, llm.tokenizer, max_concurrency=1, max_seq_len=2048,
+                        draft_model=drafters["draft"].model if "draft" in drafters else None)
+        engine.start()
+    print(f"# {llm.checkpoint.path.name}{' through the server engine' if engine else ''}; draft {args.draft or '-'}; "
+          f"greedy, {args.max_tokens} tokens at most; "
           f"CPU {m['cpu']}, {args.threads} threads; medians of {args.repeats}; machine shared with other work")
     print("| task | plain tok/s | " + " | ".join(f"{d} tok/s | {d} speed-up | {d} same output" for d in drafters) + " |")
     print("|---|---|" + "---|---|---|" * len(drafters))
@@ -74,12 +85,37 @@ def main(argv: list[str] | None = None) -> None:
                 times.append(time.perf_counter() - t)
             return len(out) / statistics.median(times), out
 
-        plain, want = rate(lambda req=req: generate_one(llm.model, req))
+        def served(req, speculate):
+            return collect(engine, req, speculate)
+
+        plain, want = rate(lambda req=req: served(req, "none") if engine else generate_one(llm.model, req))
         cells = [f"{plain:.1f}"]
-        for d in drafters.values():
-            r, got = rate(lambda d=d, req=req: generate_speculative(llm.model, req, d))
+        for name, d in drafters.items():
+            r, got = rate(lambda d=d, req=req, name=name: served(req, name) if engine
+                          else generate_speculative(llm.model, req, d))
             cells += [f"{r:.1f}", f"{r / plain:.2f}x", "yes" if got == want else "NO"]
         print(f"| {task} | " + " | ".join(cells) + " |", flush=True)
+    if engine is not None:
+        engine.stop()
+
+
+def collect(engine, req, speculate: str) -> list[int]:
+    """One request through the engine, waited for: its token ids."""
+    import threading
+
+    from camelid.serve.engine import Finish, make_sequence
+
+    ids, done = [], threading.Event()
+
+    def emit(event):
+        if isinstance(event, Finish):
+            done.set()
+        else:
+            ids.append(event.id)
+
+    engine.submit(make_sequence(req.prompt, req.max_tokens, emit, stop_ids=req.stop_ids, speculate=speculate))
+    done.wait()
+    return ids
 
 
 if __name__ == "__main__":

@@ -110,8 +110,9 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
 
 def probabilities(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None = None,
                   generated: torch.Tensor | None = None) -> torch.Tensor:
-    """The distribution `sample` draws from (not greedy): penalties, temperature and filters, softmax. [V] -> [V]."""
+    """The distribution `sample` draws from (not greedy): penalties, logit bias, temperature and filters, softmax.
+    [V] -> [V]."""
     empty = torch.empty(0, dtype=torch.long)
     logits = apply_penalties(logits.float(), seen if seen is not None else empty,
                              generated if generated is not None else empty, p)
-    return filter_logits(logits, p).softmax(-1)
+    return filter_logits(apply_logit_bias(logits, p), p).softmax(-1)

@@ -90,7 +90,7 @@ def test_speculation_gives_plain_decodings_tokens_alone_and_beside_others(path, 
         prompt = model.tokenizer.encode(text, bos=True)
         stop = model.tokenizer.stop_ids
 
-        def one(speculate: bool, n: int = 1) -> list[list[int]]:
+        def one(speculate: str, n: int = 1) -> list[list[int]]:
             outs = [Collector() for _ in range(n)]
             for c in outs:
                 eng.submit(make_sequence(prompt, 24, c, stop_ids=stop, speculate=speculate))
@@ -98,12 +98,12 @@ def test_speculation_gives_plain_decodings_tokens_alone_and_beside_others(path, 
                 assert c.done.wait(300), "the engine did not finish"
             return [c.ids for c in outs]
 
-        plain = one(False)[0]
+        plain = one("none")[0]
         assert eng.drafted_tokens == 0
-        fast = one(True)[0]
+        fast = one("ngram")[0]
         assert fast == plain and len(plain) == 24
         assert eng.drafted_tokens > 0 and 0 < eng.accepted_tokens <= eng.drafted_tokens  # the repeats were drafted
-        assert one(True, n=2) == [plain, plain]  # two rows decoding: plain steps, the same tokens
+        assert one("ngram", n=2) == [plain, plain]  # two rows decoding: plain steps, the same tokens
     finally:
         eng.stop()
 
@@ -112,8 +112,8 @@ def test_speculate_request_field_is_checked():
     from camelid.serve.params import ApiError, Limits, parse_common
 
     limits = Limits(max_seq_len=512, max_tokens=512, max_n=1, max_body_bytes=1 << 20, speculate="ngram")
-    assert parse_common({"prompt": "x"}, limits, chat=False).speculate is True  # the server's default
-    assert parse_common({"prompt": "x", "speculate": "none"}, limits, chat=False).speculate is False
+    assert parse_common({"prompt": "x"}, limits, chat=False).speculate == "ngram"  # the server's default
+    assert parse_common({"prompt": "x", "speculate": "none"}, limits, chat=False).speculate == "none"
     with pytest.raises(ApiError) as e:
         parse_common({"prompt": "x", "speculate": "draft.gguf"}, limits, chat=False)
     assert e.value.status == 400 and e.value.param == "speculate"

@@ -67,9 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", action="append", default=None, metavar="NAME=DIR",
                         help="serve the LoRA adapter folder DIR (peft's format) over the base as model NAME (repeatable; "
                              "a bare DIR is named after its folder). Requests choose by 'model'; the base's name means none")
-    parser.add_argument("--speculate", choices=("ngram", "none"), default="none",
-                        help="speculative decoding for requests that do not say (a request's 'speculate' overrides it): "
-                             "ngram = prompt lookup, for greedy rows decoding alone; the output is unchanged (default none)")
+    parser.add_argument("--speculate", default="none", metavar="ngram|none|MODEL",
+                        help="speculative decoding for requests that do not say (a request's 'speculate' overrides it) of "
+                             "rows decoding alone: ngram = prompt lookup; MODEL = a smaller draft model with the same "
+                             "vocabulary (a store name, a path, or one of the served NAMEs), loaded once; greedy output "
+                             "is unchanged, sampled output keeps its distribution (default none)")
     parser.add_argument("--pooling", choices=("mean", "last", "cls"), default="mean",
                         help="how /v1/embeddings pools the final hidden states over a text's tokens when a request "
                              "does not say (default mean)")
@@ -113,10 +115,13 @@ def parse_adapters(values: list[str] | None, model_id: str) -> dict[str, str]:
 def build_state(model: str | None = None, api_key: str | None = None, max_concurrency: int = 8, max_queue: int | None = None,
                 max_seq_len: int = 4096, max_tokens: int | None = None, max_body_bytes: int = 1 << 20,
                 model_id: str | None = None, quant: str | None = "auto", adapters: dict[str, str] | None = None,
-                pooling: str = "mean", cache_mb: float = DEFAULT_CACHE_MB, store=None, speculate: str = "none"):
+                pooling: str = "mean", cache_mb: float = DEFAULT_CACHE_MB, store=None, speculate: str = "none",
+                draft: tuple[str, object] | None = None, draft_optional: bool = False):
     """Load the model and make the engine and server state (nothing is started).
 
-    adapters: {name: LoRA adapter folder}, served over the one base; a request picks one by its `model`."""
+    adapters: {name: LoRA adapter folder}, served over the one base; a request picks one by its `model`.
+    speculate: "none", "ngram" or "draft", what requests that do not say get. draft: (name, model) from load_draft;
+    one whose vocabulary differs from this model's is an error, or with draft_optional a warning and no draft."""
     from ..chat import template_for
     from ..errors import CamelidError
     from ..formats import read
@@ -134,6 +139,13 @@ def build_state(model: str | None = None, api_key: str | None = None, max_concur
     ckpt = read(path)
     if model_id is None:
         model_id = model if model and not os.path.exists(str(model)) else (DEFAULT_MODEL if model is None else path.stem)
+    if draft is not None and draft[1].config.vocab_size != ckpt.config.vocab_size:  # checked before the slow load
+        problem = (f"the draft model {draft[0]} has {draft[1].config.vocab_size} tokens in its vocabulary and "
+                   f"{model_id} {ckpt.config.vocab_size}: speculation needs the same vocabulary")
+        if not draft_optional:
+            raise CamelidError(f"--speculate {draft[0]}: {problem}")
+        print(f"camelid: warning: {problem}; {model_id} runs without it", file=sys.stderr)
+        draft, speculate = None, ("none" if speculate == "draft" else speculate)
     if adapters and model_id in adapters:
         raise CamelidError(f"--adapter name {model_id!r} is the base model's; choose another")
     from ..formats.peft import read_adapter
@@ -155,15 +167,32 @@ def build_state(model: str | None = None, api_key: str | None = None, max_concur
     store = store if store is not None else BlockStore(mb_to_bytes(cache_mb))
     prompt_cache = PromptCache(store, f"{model_id}|{path}|{quant}")
     engine = Engine(net, ckpt.tokenizer, max_concurrency=max_concurrency, max_seq_len=max_seq_len, max_queue=max_queue,
-                    prompt_cache=prompt_cache)
+                    prompt_cache=prompt_cache, draft_model=draft[1] if draft is not None else None)
     limits = Limits(max_seq_len=engine.max_seq_len, max_tokens=min(max_tokens or engine.max_seq_len, engine.max_seq_len),
                     max_n=max_concurrency, max_body_bytes=max_body_bytes, vocab_size=ckpt.tokenizer.vocab_size,
-                    speculate=speculate)
+                    speculate=speculate, draft=draft[0] if draft is not None else None)
     template = template_for(ckpt.tokenizer)[0]
     if store.enabled:
         warn_reuse(model_id, template, ckpt.tokenizer)
     return ServerState(engine, ckpt.tokenizer, model_id, limits, template, api_key,
                        adapters=tuple(loaded), pooling=pooling)
+
+
+def load_draft(spec: str, quant: str | None, models: dict[str, str] | None = None):
+    """`--speculate SPEC` -> ("none" | "ngram" | "draft", (name, draft model) or None). SPEC names a draft model by
+    store name, path, or one of the served NAMEs; it is loaded once and shared by every served model's engine."""
+    if spec in ("none", "ngram"):
+        return spec, None
+    from ..errors import CamelidError
+    from ..formats import read
+    from ..loader import build_model
+    from ..store import resolve
+
+    source = (models or {}).get(spec, spec)
+    try:
+        return "draft", (spec, build_model(read(resolve(source)), quant=quant))
+    except CamelidError as e:
+        raise CamelidError(f"--speculate {spec}: {e}") from None
 
 
 def warn_reuse(model_id: str, template: str, tokenizer) -> None:
@@ -227,10 +256,11 @@ def build_registry(models: dict[str, str], max_loaded: int, memory_mb: float, ke
     store = BlockStore(mb_to_bytes(cache_mb))  # one prompt cache budget for every model (keys name the model)
     adapters = options.pop("adapters", None)
     first_name = next(iter(models))
-    first = build_state(models[first_name], model_id=first_name, store=store, adapters=adapters, **options)
+    first = build_state(models[first_name], model_id=first_name, store=store, adapters=adapters, draft_optional=True,
+                        **options)
 
     def build(name: str, source: str):
-        state = build_state(source, model_id=name, store=store, **options)
+        state = build_state(source, model_id=name, store=store, draft_optional=True, **options)
         state.metrics = first.metrics
         return state
 
@@ -271,6 +301,8 @@ def serve(model_path: str | None = None, host: str = DEFAULT_HOST, port: int = D
         atexit.register(log.close)
         print(f"camelid: audit log {log.path}, signed by {log.key.id} (public key {log.pub_path}: keep a copy "
               "elsewhere to verify against)", file=sys.stderr)
+    speculate, draft = load_draft(options.pop("speculate", "none"), options.get("quant", "auto"), models)
+    options.update(speculate=speculate, draft=draft)
     registry = None
     if models:
         options.pop("model_id", None)

@@ -7,11 +7,13 @@ The engine runs in its own thread. Each step it
      streams one chunk of delay per step instead of stalling them.
 Between steps it runs at most one job given to `call` (an embedding or rerank forward over the same weights), so
 such work interleaves with the running streams instead of racing them for the model.
-A row asking for speculation (`speculate`: prompt lookup, camelid/speculate.py) that decodes alone, greedy and
-unconstrained, takes step 2 as one verification forward of its pending token and up to DRAFT_TOKENS drafted ones
-(every query attended as plain decoding attends it alone): it emits the tokens the model agrees with, the same
-tokens plain decoding gives, several per forward where the output copies its input. Beside other decoding rows it
-decodes plainly, since the batch already keeps the cores busy.
+A row asking for speculation (`speculate`: "ngram" for prompt lookup, "draft" for the engine's draft model;
+camelid/speculate.py) that decodes alone and unconstrained takes step 2 as one verification forward of its pending
+token and up to DRAFT_TOKENS drafted ones (every query attended as plain decoding attends it alone). A greedy row
+emits the tokens the model agrees with, the same tokens plain decoding gives; a sampled row keeps each draft by
+speculative sampling's rule, so its tokens have plain sampling's distribution. Several tokens come per forward where
+the drafts are right. Beside other decoding rows it decodes plainly, since the batch already keeps the cores busy;
+a draft model catches up on the tokens it missed when the row is alone again.
 Chunk boundaries (camelid/prompt_cache.py's schedule: `prefill_chunk` tokens, then small chunks for the
 tail) and sampling depend only on the sequence itself, never on its neighbours or on what is cached, so a
 greedy request gives the same tokens alone or beside others, with the prompt cache cold or warm.
@@ -39,8 +41,8 @@ import torch
 from ..cache import KVCache
 from ..compiled import step_for
 from ..prompt_cache import BIG_CHUNK, SMALL_CHUNK, BlockStore, PromptCache
-from ..sampling import GREEDY, SamplingParams, apply_logit_bias, apply_penalties, filter_logits, sample
-from ..speculate import DRAFT_TOKENS, NgramDrafter
+from ..sampling import GREEDY, SamplingParams, apply_logit_bias, apply_penalties, filter_logits, probabilities, sample
+from ..speculate import DRAFT_TOKENS, ModelDrafter, NgramDrafter, accept_or_resample
 from ..tokenizer import Tokenizer
 from .constrained import JsonConstraint
 
@@ -82,7 +84,7 @@ class Sequence_:
     prompt_logprobs: list[Token] = field(default_factory=list)
     salt: str | None = None  # cache_salt: reuse only blocks made under the same salt
     background: bool = False  # a fill: prefill only, to keep a finished reply's chunks; never emits
-    speculate: bool = False  # prompt-lookup speculative decoding when it decodes alone (greedy, unconstrained)
+    speculate: str = "none"  # "ngram" (prompt lookup) or "draft" (the engine's draft model) when it decodes alone
     # engine state
     slot: int = -1
     pos: int = 0  # tokens of this row in the cache
@@ -92,6 +94,7 @@ class Sequence_:
     generator: torch.Generator | None = None
     cached: int = -1  # prompt tokens restored from the prompt cache (-1: not looked up yet)
     chain: bytes = b""  # the prompt cache's chain key after the last chunk in the cache row
+    drafter: ModelDrafter | None = None  # speculate="draft": the draft model's own KV cache for this row
 
 
 class Engine:
@@ -99,8 +102,10 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_concurrency: int = 8,
                  max_seq_len: int | None = None, max_queue: int | None = None, prefill_chunk: int = BIG_CHUNK,
-                 prompt_cache: PromptCache | None = None) -> None:
+                 prompt_cache: PromptCache | None = None, draft_model: torch.nn.Module | None = None) -> None:
+        """draft_model: a smaller model with the same vocabulary, for rows with speculate="draft"."""
         self.model, self.tokenizer = model, tokenizer
+        self.draft_model = draft_model
         self.slots = max_concurrency
         self.max_seq_len = min(max_seq_len or 4096, model.config.max_seq_len)
         self.max_queue = max_queue if max_queue is not None else 4 * max_concurrency
@@ -152,6 +157,8 @@ class Engine:
         if not seq.prompt or len(seq.prompt) >= self.max_seq_len:
             raise ValueError(f"prompt of {len(seq.prompt)} tokens does not fit the slot length {self.max_seq_len}")
         seq.max_tokens = min(seq.max_tokens, self.max_seq_len - len(seq.prompt))
+        if seq.speculate not in ("none", "ngram", "draft") or (seq.speculate == "draft" and self.draft_model is None):
+            raise ValueError(f"speculate={seq.speculate!r}: expected 'none', 'ngram' or 'draft' (with a draft model)")
         with self.cond:
             if not self.running:
                 raise EngineStoppedError(self.error or "the engine is not running")
@@ -253,7 +260,7 @@ class Engine:
         for b in range(self.slots):
             if self.rows[b] is None and self.waiting:
                 s = self.waiting.popleft()
-                s.slot, s.pos, s.pending, s.generated = b, 0, None, []
+                s.slot, s.pos, s.pending, s.generated, s.drafter = b, 0, None, [], None
                 s.generator = s.sampling.generator()
                 self.rows[b] = s
                 self.prompt_tokens += len(s.prompt)
@@ -262,7 +269,7 @@ class Engine:
         s = self.rows[b]
         self.rows[b] = None
         if s is not None:
-            s.slot = -1
+            s.slot, s.drafter = -1, None  # the draft's KV cache goes with the row
             if event.reason in ("stop", "length") and not s.background and self.prompt_cache.enabled:
                 tokens = s.prompt + s.generated
                 end = self.prompt_cache.reusable_end(len(tokens))
@@ -325,10 +332,19 @@ class Engine:
         """Row b's next tokens from one forward over its pending token and the drafted ones; False (nothing done)
         when the row does not speculate or nothing was drafted, so the step decodes plainly."""
         s = self.rows[b]
-        if not s.speculate or not s.sampling.greedy or s.constraint is not None:
+        if s.speculate == "none" or s.constraint is not None:
             return False
         room = min(DRAFT_TOKENS, s.max_tokens - len(s.generated) - 1, self.max_seq_len - s.pos - 1)
-        drafts = self._ngram.propose(s.prompt + s.generated, room, s.sampling, None)[0] if room > 0 else []
+        if room <= 0:
+            return False
+        if s.speculate == "draft":
+            if s.drafter is None:
+                s.drafter = ModelDrafter(self.draft_model)
+                s.drafter.reset(len(s.prompt) + s.max_tokens)
+            drafter = s.drafter
+        else:
+            drafter = self._ngram
+        drafts, q = drafter.propose(s.prompt + s.generated, room, s.sampling, s.generator)
         if not drafts:
             return False
         tokens = torch.tensor([[s.pending, *drafts]], dtype=torch.long, device=self.device)
@@ -341,7 +357,12 @@ class Engine:
         s.pos += 1  # the pending token's keys and values are in the cache now
         for j, d in enumerate(drafts):
             s.pending = None
-            self._next_token(b, s, logits[j])
+            if s.sampling.greedy:
+                self._next_token(b, s, logits[j])  # plain decoding's choice (penalties and bias included)
+            else:  # keep d with probability min(1, p(d)/q(d)), else a token from the rest of p: p's distribution
+                tok, _ = accept_or_resample(self._distribution(s, logits[j]), q[j] if q is not None else None, d,
+                                            s.generator)
+                self._next_token(b, s, logits[j], tok)
             if self.rows[b] is not s or s.pending != d:  # finished, or the model disagrees: its own token is next
                 return True
             self.accepted_tokens += 1
@@ -349,6 +370,11 @@ class Engine:
         s.pending = None  # every draft accepted: one more token from the last position
         self._next_token(b, s, logits[len(drafts)])
         return True
+
+    def _distribution(self, s: Sequence_, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution row s samples its next token from (as _sample draws it)."""
+        out = torch.tensor(s.generated, dtype=torch.long)
+        return probabilities(logits, s.sampling, torch.cat([torch.tensor(s.prompt, dtype=torch.long), out]), out)
 
     def _prefill_chunk(self, b: int, s: Sequence_) -> None:
         pc = self.prompt_cache
@@ -385,8 +411,9 @@ class Engine:
             else:
                 self._next_token(b, s, logits)
 
-    def _next_token(self, b: int, s: Sequence_, logits: torch.Tensor) -> None:
-        """Sample row b's next token from its logits [V], emit it, and finish the row when due."""
+    def _next_token(self, b: int, s: Sequence_, logits: torch.Tensor, chosen: int | None = None) -> None:
+        """Sample row b's next token from its logits [V] (or take `chosen`, drawn by the caller), emit it, and finish
+        the row when due."""
         if s.max_tokens <= 0:
             self._finish(b, Finish("length"))
             return
@@ -399,7 +426,7 @@ class Engine:
                 return
             tok = self._sample_constrained(s, logits)
         else:
-            tok = self._sample(s, logits)
+            tok = self._sample(s, logits) if chosen is None else chosen
         self._emit_token(s, tok, logits)
         if tok in s.stop_ids or (s.constraint is not None and s.constraint.done):
             self._finish(b, Finish("stop"))

@@ -35,7 +35,8 @@ class Limits:
     max_stop: int = 4
     max_top_logprobs: int = 20
     vocab_size: int | None = None  # token ids in logit_bias are checked against it
-    speculate: str = "none"  # the server's --speculate: what a request that does not say gets
+    speculate: str = "none"  # the server's --speculate for requests that do not say: "none", "ngram" or "draft"
+    draft: str | None = None  # the name of the server's draft model (--speculate MODEL), when it has one
 
 
 @dataclass
@@ -52,7 +53,7 @@ class GenParams:
     schema: Node | None = None
     echo: bool = False
     cache_salt: str | None = None  # the prompt cache reuses only blocks made under the same salt
-    speculate: bool = False  # prompt-lookup speculative decoding (greedy rows decoding alone; the output is unchanged)
+    speculate: str = "none"  # "ngram" (prompt lookup) or "draft" (the server's draft model); the output is unchanged
 
 
 def _number(body: dict, name: str, default: float | None, lo: float, hi: float, integer: bool = False) -> Any:
@@ -205,14 +206,18 @@ def parse_common(body: dict, limits: Limits, chat: bool) -> GenParams:
     )
 
 
-def _speculate(body: dict, limits: Limits) -> bool:
-    value = body.get("speculate", limits.speculate)
+def _speculate(body: dict, limits: Limits) -> str:
+    """'none', 'ngram', or 'draft' for a request's `speculate` ('ngram', 'none', or the draft model's name)."""
+    value = body.get("speculate")
     if value is None:
-        value = limits.speculate
-    if value not in ("ngram", "none"):
-        raise ApiError(400, f"'speculate' must be 'ngram' or 'none', got {value!r} (draft models: camelid run/chat "
-                       "--speculate MODEL)", "speculate", "invalid_value")
-    return value == "ngram"
+        return limits.speculate
+    if value in ("ngram", "none"):
+        return value
+    if limits.draft is not None and value in (limits.draft, "draft"):
+        return "draft"
+    offered = "'ngram', 'none'" + (f" or {limits.draft!r} (the draft model)" if limits.draft else "")
+    hint = "" if limits.draft else " (a draft model needs the server started with --speculate MODEL)"
+    raise ApiError(400, f"'speculate' must be {offered}, got {value!r}{hint}", "speculate", "invalid_value")
 
 
 def _cache_salt(body: dict) -> str | None:
