@@ -71,29 +71,31 @@ def main(argv: list[str] | None = None) -> None:
         engine.start()
     print(f"# {llm.checkpoint.path.name}{' through the server engine' if engine else ''}; draft {args.draft or '-'}; "
           f"greedy, {args.max_tokens} tokens at most; "
-          f"CPU {m['cpu']}, {args.threads} threads; medians of {args.repeats}; machine shared with other work")
+          f"CPU {m['cpu']}, {args.threads} threads; medians of {args.repeats}, interleaved; machine shared with other work")
     print("| task | plain tok/s | " + " | ".join(f"{d} tok/s | {d} speed-up | {d} same output" for d in drafters) + " |")
     print("|---|---|" + "---|---|---|" * len(drafters))
     for task, prompt in TASKS.items():
         req = Request(llm.encode_chat([{"role": "user", "content": prompt}]), args.max_tokens, GREEDY, llm.tokenizer.stop_ids)
 
-        def rate(run):
-            times, out = [], None
-            for _ in range(args.repeats):
-                t = time.perf_counter()
-                out = list(run())
-                times.append(time.perf_counter() - t)
-            return len(out) / statistics.median(times), out
-
         def served(req, speculate):
             return collect(engine, req, speculate)
 
-        plain, want = rate(lambda req=req: served(req, "none") if engine else generate_one(llm.model, req))
-        cells = [f"{plain:.1f}"]
+        runs = {"plain": lambda req=req: served(req, "none") if engine else generate_one(llm.model, req)}
         for name, d in drafters.items():
-            r, got = rate(lambda d=d, req=req, name=name: served(req, name) if engine
+            runs[name] = (lambda d=d, req=req, name=name: served(req, name) if engine
                           else generate_speculative(llm.model, req, d))
-            cells += [f"{r:.1f}", f"{r / plain:.2f}x", "yes" if got == want else "NO"]
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        outs: dict[str, list[int]] = {}
+        for _ in range(args.repeats):  # interleaved, so a drift in the machine's speed favours none of them
+            for name, run in runs.items():
+                t = time.perf_counter()
+                outs[name] = list(run())
+                times[name].append(time.perf_counter() - t)
+        rate = {name: len(outs[name]) / statistics.median(times[name]) for name in runs}
+        cells = [f"{rate['plain']:.1f}"]
+        for name in drafters:
+            cells += [f"{rate[name]:.1f}", f"{rate[name] / rate['plain']:.2f}x",
+                      "yes" if outs[name] == outs["plain"] else "NO"]
         print(f"| {task} | " + " | ".join(cells) + " |", flush=True)
     if engine is not None:
         engine.stop()

@@ -28,6 +28,36 @@ from .sampling import SamplingParams, probabilities, sample
 DRAFT_TOKENS = 6  # tokens proposed per step at most
 
 
+class DraftLength:
+    """How many tokens to draft next step. Verifying k drafts costs more than a plain step (on a 2-core AVX2 EPYC,
+    eager: 1 token 43 ms, 2 48 ms, 4 52 ms, 7 83 ms), so a refused draft loses time: after a draft kept whole the
+    length grows by 2, after one refused it falls to one more than was kept, and after two drafts in a row with
+    nothing kept no draft is made for the next PAUSE steps (text that does not repeat itself costs little)."""
+
+    PAUSE = 4
+
+    def __init__(self, most: int = DRAFT_TOKENS) -> None:
+        self.most, self.k, self.misses, self.paused = most, most, 0, 0
+
+    def next(self, room: int) -> int:
+        """The tokens to draft now (0: decode plainly this step), at most room."""
+        if self.paused:
+            self.paused -= 1
+            return 0
+        return max(0, min(self.k, room))
+
+    def update(self, drafted: int, kept: int) -> None:
+        if drafted == 0:
+            return
+        if kept == drafted:
+            self.k, self.misses = min(self.most, self.k + 2), 0
+            return
+        self.k = max(1, min(self.k - 1, kept + 1))
+        self.misses = self.misses + 1 if kept == 0 else 0
+        if self.misses >= 2:
+            self.paused, self.misses = self.PAUSE, 0
+
+
 class NgramDrafter:
     """Prompt lookup: continue the latest earlier occurrence of the last n tokens."""
 
@@ -142,6 +172,7 @@ def generate_speculative(model: torch.nn.Module, request: Request, drafter) -> I
     cache = KVCache.for_model(model, 1, capacity)
     drafter.reset(capacity)
     seq, out = list(request.prompt), []
+    length = DraftLength(getattr(drafter, "k", DRAFT_TOKENS))
     prompt_ids = torch.as_tensor(seq, dtype=torch.long)
 
     def pick(logits: torch.Tensor) -> int:  # plain decoding's choice, with its penalties
@@ -161,13 +192,15 @@ def generate_speculative(model: torch.nn.Module, request: Request, drafter) -> I
         remaining = budget - len(out)
         if tok in request.stop_ids or remaining <= 0:
             return
-        drafts, q = drafter.propose(seq, remaining - 1, params, gen)
+        k = length.next(remaining - 1)
+        drafts, q = drafter.propose(seq, k, params, gen) if k else ([], None)
         tokens = [tok] + drafts
         start = len(seq) - 1
         positions = torch.arange(start, start + len(tokens), device=model.device)[None]
         cache.query_by_query = True
         logits = model(torch.tensor([tokens], device=model.device), positions, cache).float().cpu()[0]  # [T, V]
         cache.query_by_query = False
+        kept = 0
         for j, d in enumerate(drafts):
             if params.greedy:
                 tok = pick(logits[j])
@@ -178,6 +211,7 @@ def generate_speculative(model: torch.nn.Module, request: Request, drafter) -> I
                 if not accepted:
                     break
             # accepted: emit d and go on with the next draft
+            kept += 1
             out.append(tok)
             seq.append(tok)
             yield tok
@@ -185,3 +219,4 @@ def generate_speculative(model: torch.nn.Module, request: Request, drafter) -> I
                 return
         else:  # every draft accepted (or none proposed): one more token from the last position
             tok = pick(logits[len(drafts)])
+        length.update(len(drafts), kept)

@@ -42,7 +42,7 @@ from ..cache import KVCache
 from ..compiled import step_for
 from ..prompt_cache import BIG_CHUNK, SMALL_CHUNK, BlockStore, PromptCache
 from ..sampling import GREEDY, SamplingParams, apply_logit_bias, apply_penalties, filter_logits, probabilities, sample
-from ..speculate import DRAFT_TOKENS, ModelDrafter, NgramDrafter, accept_or_resample
+from ..speculate import DRAFT_TOKENS, DraftLength, ModelDrafter, NgramDrafter, accept_or_resample
 from ..tokenizer import Tokenizer
 from .constrained import JsonConstraint
 
@@ -95,6 +95,7 @@ class Sequence_:
     cached: int = -1  # prompt tokens restored from the prompt cache (-1: not looked up yet)
     chain: bytes = b""  # the prompt cache's chain key after the last chunk in the cache row
     drafter: ModelDrafter | None = None  # speculate="draft": the draft model's own KV cache for this row
+    draft_length: DraftLength | None = None  # how many tokens to draft next (adapts to what the model keeps)
 
 
 class Engine:
@@ -261,6 +262,7 @@ class Engine:
             if self.rows[b] is None and self.waiting:
                 s = self.waiting.popleft()
                 s.slot, s.pos, s.pending, s.generated, s.drafter = b, 0, None, [], None
+                s.draft_length = DraftLength() if s.speculate != "none" else None
                 s.generator = s.sampling.generator()
                 self.rows[b] = s
                 self.prompt_tokens += len(s.prompt)
@@ -334,7 +336,7 @@ class Engine:
         s = self.rows[b]
         if s.speculate == "none" or s.constraint is not None:
             return False
-        room = min(DRAFT_TOKENS, s.max_tokens - len(s.generated) - 1, self.max_seq_len - s.pos - 1)
+        room = s.draft_length.next(min(DRAFT_TOKENS, s.max_tokens - len(s.generated) - 1, self.max_seq_len - s.pos - 1))
         if room <= 0:
             return False
         if s.speculate == "draft":
@@ -364,9 +366,11 @@ class Engine:
                                             s.generator)
                 self._next_token(b, s, logits[j], tok)
             if self.rows[b] is not s or s.pending != d:  # finished, or the model disagrees: its own token is next
+                s.draft_length.update(len(drafts), j)
                 return True
             self.accepted_tokens += 1
             s.pos += 1  # draft j was the model's token, and its keys and values were computed in this forward
+        s.draft_length.update(len(drafts), len(drafts))
         s.pending = None  # every draft accepted: one more token from the last position
         self._next_token(b, s, logits[len(drafts)])
         return True
