@@ -321,6 +321,8 @@ def serve(model_path: str | None = None, host: str = DEFAULT_HOST, port: int = D
     extra = f" with adapters {', '.join(state.adapters)}" if state.adapters else ""
     if registry is not None:
         extra += f" (and on demand: {', '.join(n for n in registry.entries if n != state.model_id)})"
+    if draft is not None:
+        extra += f"; draft model {draft[0]}"
     print(f"camelid: serving {state.model_id}{extra} on http://{host}:{port} ({max_concurrency} slots x "
           f"{state.limits.max_seq_len} tokens)", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, timeout_keep_alive=keep_alive)

@@ -108,7 +108,7 @@ class Metrics:
             Gauge("camelid_running_sequences", "sequences holding a slot", lambda: engine.active),
             Gauge("camelid_slots", "slots (the most sequences decoding at once)", lambda: engine.slots),
             Gauge("camelid_engine_steps", "scheduler steps run", lambda: engine.steps),
-            ReadCounter("camelid_speculative_drafted_tokens_total", "tokens proposed by prompt lookup (speculate)",
+            ReadCounter("camelid_speculative_drafted_tokens_total", "tokens proposed by the drafter (prompt lookup or a draft model)",
                         lambda: engine.drafted_tokens),
             ReadCounter("camelid_speculative_accepted_tokens_total", "proposed tokens the model confirmed",
                         lambda: engine.accepted_tokens),
