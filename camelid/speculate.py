@@ -12,6 +12,11 @@ bit-equal to plain decoding's and greedy output is identical (tested). Sampling 
 et al. 2023, Chen et al. 2023): accept d_j with probability min(1, p(d_j) / q(d_j)) (q: the drafter's distribution,
 one-hot for n-grams), otherwise draw from max(p - q, 0) renormalised and stop; when all are accepted, one more token
 from p. The output has the model's own distribution. Generation still yields token ids, one at a time.
+
+Verification runs on the eager model. Where a compiled decode step is attached (`camelid compile`), every step
+decodes through it instead and speculation stands aside: mixing the compiled step's logits with eager ones would
+break the identical-output guarantee, and on the 2-core AVX2 EPYC the compiled step alone is 2.1x eager decode
+(bench/results/decode-epyc-avx2.txt), more than prompt lookup's best case there (1.97x, an edit that copies its input).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .cache import KVCache
+from .compiled import step_for
 from .errors import CamelidError, SamplingError
 from .generate import Request, check_fits, prefill
 from .sampling import SamplingParams, probabilities, sample
@@ -192,14 +198,18 @@ def generate_speculative(model: torch.nn.Module, request: Request, drafter) -> I
         remaining = budget - len(out)
         if tok in request.stop_ids or remaining <= 0:
             return
-        k = length.next(remaining - 1)
+        step_fn = step_for(model)  # a compiled decode step (it may arrive mid-request): plain steps through it
+        k = length.next(remaining - 1) if step_fn is None else 0
         drafts, q = drafter.propose(seq, k, params, gen) if k else ([], None)
         tokens = [tok] + drafts
         start = len(seq) - 1
         positions = torch.arange(start, start + len(tokens), device=model.device)[None]
-        cache.query_by_query = True
-        logits = model(torch.tensor([tokens], device=model.device), positions, cache).float().cpu()[0]  # [T, V]
-        cache.query_by_query = False
+        if step_fn is not None:
+            logits = step_fn(torch.tensor([tokens], device=model.device), positions, cache).float().cpu()  # [1, V]
+        else:
+            cache.query_by_query = True
+            logits = model(torch.tensor([tokens], device=model.device), positions, cache).float().cpu()[0]  # [T, V]
+            cache.query_by_query = False
         kept = 0
         for j, d in enumerate(drafts):
             if params.greedy:

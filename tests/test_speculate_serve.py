@@ -141,3 +141,34 @@ def test_serve_flag_mistakes_are_one_line(tiny):
     r = camelid_cli("serve", str(tiny / "target.gguf"), "--speculate", str(tiny / "vocab.gguf"), "--port", "1")
     assert "same vocabulary" in one_line_error(r)
 
+
+
+def test_a_compiled_step_takes_every_step_and_speculation_stands_aside(tiny, monkeypatch):
+    """With a compiled decode step attached (here a stand-in that counts its calls), run's and the server's
+    speculating requests decode through it, one token a step, and give its tokens: compiled and eager logits are
+    never mixed."""
+    from camelid import compiled
+    from camelid.generate import Request, generate_one
+    from camelid.sampling import GREEDY
+    from camelid.speculate import NgramDrafter, generate_speculative
+
+    model = _model(tiny / "target.gguf")
+    calls = []
+
+    def step(tokens, positions, cache):
+        calls.append(tokens.shape)
+        return model(tokens, positions, cache)[:, -1]
+
+    monkeypatch.setitem(compiled._STEPS, model, step)
+    req = Request(PROMPT, 30, GREEDY, frozenset())
+    plain = list(generate_one(model, req))
+    assert len(calls) == 29
+    calls.clear()
+    assert list(generate_speculative(model, req, NgramDrafter())) == plain
+    assert len(calls) == 29 and all(shape == (1, 1) for shape in calls)
+    eng = Engine(model, read(tiny / "target.gguf").tokenizer, max_concurrency=1, max_seq_len=200, prefill_chunk=64)
+    eng.start()
+    try:
+        assert _run(eng, PROMPT, 30, speculate="ngram") == plain and eng.drafted_tokens == 0
+    finally:
+        eng.stop()

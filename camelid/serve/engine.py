@@ -334,8 +334,8 @@ class Engine:
         """Row b's next tokens from one forward over its pending token and the drafted ones; False (nothing done)
         when the row does not speculate or nothing was drafted, so the step decodes plainly."""
         s = self.rows[b]
-        if s.speculate == "none" or s.constraint is not None:
-            return False
+        if s.speculate == "none" or s.constraint is not None or step_for(self.model) is not None:
+            return False  # a compiled decode step: plain steps through it (camelid/speculate.py says why)
         room = s.draft_length.next(min(DRAFT_TOKENS, s.max_tokens - len(s.generated) - 1, self.max_seq_len - s.pos - 1))
         if room <= 0:
             return False
