@@ -167,6 +167,16 @@ class BlockStore:
             if not siblings:
                 del self.children[block.parent]
 
+    def drop_prefixes(self, parent: bytes, tokens: Sequence[int]) -> None:
+        """Forget the cached chunks after `parent` whose tokens are a shorter prefix of `tokens` (a partial chunk
+        that a longer one now covers)."""
+        tokens = tuple(tokens)
+        with self.lock:
+            for key in list(self.children.get(parent, ())):
+                block = self.blocks[key]
+                if len(block.tokens) < len(tokens) and tokens[:len(block.tokens)] == block.tokens:
+                    self._forget(key, self.blocks.pop(key))
+
     def longest_child(self, parent: bytes, tokens: Sequence[int], longest: int) -> tuple[Block | None, int]:
         """The cached chunk after `parent` (of at most `longest` tokens) whose tokens share the longest prefix with
         `tokens`, and that length."""
@@ -308,11 +318,15 @@ class PromptCache:
             start -= start % self.small
         key = chunk_key(parent, tokens[start:end])
         whole = self.is_whole(start, end)
-        if (self.enabled and by_position(cache) and (whole or self.exact_tokens and end - start <= self.small)
-                and self.store.get(key) is None):
+        small = self.exact_tokens and end - start <= self.small
+        if self.enabled and by_position(cache) and (whole or small) and self.store.get(key) is None:
+            if small and self.store.longest_child(parent, tokens[start:end], self.small)[1] == end - start:
+                return key if whole else parent  # a partial chunk that a cached longer one already holds
             kv = torch.stack([torch.stack([k[row, :, start:end], v[row, :, start:end]])
                               for k, v in zip(cache.k, cache.v, strict=True)])
             self.store.put(key, Block(kv, self.model_key, parent, tuple(tokens[start:end])))
+            if small and self.store.get(key) is not None:  # kept: the shorter partial chunks it holds go
+                self.store.drop_prefixes(parent, tokens[start:end])
         return key if whole or not self.exact_tokens else parent
 
     def reusable_end(self, length: int) -> int:
