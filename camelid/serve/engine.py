@@ -21,7 +21,8 @@ greedy request gives the same tokens alone or beside others, with the prompt cac
 The prompt cache: a row's first prefill step copies in the longest cached chain of its prompt's chunks;
 every whole chunk it computes is kept. When a request ends, its reply's whole chunks are computed and kept
 too while the engine is idle (a "fill", preempted by any new request), so the next turn of a conversation
-prefills only its new tokens and the tail of the last chunk.
+prefills only its new tokens (where reuse is token-granular, prompt_cache.rows_independent; elsewhere also the
+tail of the last whole small chunk).
 
 Results go out through each sequence's `emit` callback (called on the engine thread): Token events,
 then exactly one Finish.
@@ -305,8 +306,9 @@ class Engine:
             pass
         elif decoding:
             self._decode(decoding)
-        # prefill: whole chunks, so boundaries never depend on the load; fewer while others are decoding
-        budget = 1 if decoding else 4
+        # prefill: whole chunks, so boundaries never depend on the load; fewer while others are decoding, and one
+        # a step for a fill, so a request that arrives meanwhile waits for one chunk at most
+        budget = 1 if decoding or any(s is not None and s.background for s in self.rows) else 4
         for b, s in enumerate(self.rows):
             while budget and s is not None and s.pending is None and self.rows[b] is s:
                 budget -= 1
