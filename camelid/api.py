@@ -43,8 +43,7 @@ class LLM:
         self.config = checkpoint.config
         self.chat_template, self.chat_template_source = chat_mod.template_for(self.tokenizer)
         # the key names everything that changes the numbers: weights, how they run, the adapter
-        self.prompt_cache = PromptCache(BlockStore(mb_to_bytes(cache_mb)), cache_key or f"{checkpoint.path}|{id(model)}",
-                                        model=model)
+        self.prompt_cache = PromptCache(BlockStore(mb_to_bytes(cache_mb)), cache_key or f"{checkpoint.path}|{id(model)}")
 
     # --- prompts ---
     def encode_prompt(self, prompt: str) -> list[int]:

@@ -10,7 +10,7 @@ import torch
 from .cache import KVCache
 from .compiled import step_for
 from .errors import ContextLengthError, SamplingError
-from .prompt_cache import SMALL_CHUNK, PromptCache, next_chunk, query_by_query
+from .prompt_cache import SMALL_CHUNK, PromptCache, next_chunk
 from .sampling import GREEDY, SamplingParams, sample
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory for long prompts
@@ -41,9 +41,8 @@ def prefill(model: torch.nn.Module, cache: KVCache, prompts: Sequence[Sequence[i
 
     Row by row, in the chunks of camelid/prompt_cache.py's schedule (PREFILL_CHUNK, then small ones): a row's
     work (and its numbers) is the same alone or in a batch, with the prompt cache or without, and no compute
-    goes to padding. Small chunks are computed query by query where that gives each token decode's bits
-    (prompt_cache.rows_independent). With a prompt cache, the longest cached chain of chunks is copied in and every
-    whole chunk computed is kept (partial ones too where reuse is token-granular)."""
+    goes to padding. With a prompt cache, the longest cached chain of chunks is copied in and every whole
+    chunk computed is kept."""
     device = model.device
     last = torch.empty(len(prompts), model.config.vocab_size, device=device)
     restored = []
@@ -56,7 +55,6 @@ def prefill(model: torch.nn.Module, cache: KVCache, prompts: Sequence[Sequence[i
         while start < len(prompt):
             end = next_chunk(start, len(prompt), PREFILL_CHUNK, SMALL_CHUNK)
             positions = torch.arange(start, end, device=device)[None]
-            row.query_by_query = query_by_query(model, start, end)  # a small chunk, where that is exact
             logits = model(tokens[:, start:end], positions, row, logits_at=torch.tensor([end - start - 1], device=device))
             if prompt_cache is not None:
                 key = prompt_cache.save(cache, b, prompt, start, end, key)

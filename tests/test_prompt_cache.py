@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 from conftest import Collector
@@ -229,77 +227,3 @@ def test_two_conversations_interleaved_under_a_small_budget_answer_as_alone(fast
     assert got == want
     assert store.evictions > 0 and any(cached[2:])  # the budget bit, and later turns still reused something
     assert seen and max(seen) <= store.capacity
-
-
-@pytest.mark.parametrize("path", ["fast", "reference"])
-def test_the_row_probe_tells_the_truth(path, fast, llm):
-    """rows_independent's answer, checked on the whole model: where it says yes, small chunks computed query by query
-    give every layer's keys and values exactly as decoding one token at a time does (where it says no, nothing is
-    claimed). Here the fast path's quantized kernels are row-independent and float32 matmuls are not."""
-    from camelid.prompt_cache import rows_independent
-
-    model = (fast if path == "fast" else llm).model
-    if not rows_independent(model):
-        return
-    ids = (fast if path == "fast" else llm).tokenizer.encode("The river and the town that grew beside it. " * 5, bos=True)
-    n = len(ids)
-
-    def kv(chunks):
-        cache = KVCache.for_model(model, 1, n)
-        with torch.inference_mode():
-            model(torch.tensor([ids[:8]]), torch.arange(8)[None], cache)
-            pos, i = 8, 0
-            while pos < n:
-                size = min(chunks[i % len(chunks)], n - pos)
-                cache.query_by_query = size > 1
-                model(torch.tensor([ids[pos:pos + size]]), torch.arange(pos, pos + size)[None], cache)
-                pos, i = pos + size, i + 1
-        return cache.k + cache.v
-
-    decode = kv([1])
-    for chunks in ([16], [3, 9, 16, 2]):
-        assert all(torch.equal(a, b) for a, b in zip(decode, kv(chunks), strict=True)), chunks
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("path", ["fast", "reference"])
-def test_each_turn_prefills_only_its_new_tokens_and_answers_as_cache_off(path, fast, llm):
-    """A 5-turn chat through the engine (each reply's KV kept by the idle fill): every answer equals the cache-off
-    engine's, and where reuse is token-granular (rows_independent) each turn restores every token it shares with
-    the previous turn's prompt and reply but its last one: it prefills only what is new. Elsewhere reuse stops at
-    the last whole small chunk (at most 15 tokens more)."""
-    model = fast if path == "fast" else llm
-    tok = model.tokenizer
-    history = [{"role": "system", "content": "You are a terse assistant for a bakery. " * 4}]
-    questions_ = ["Name a bread.", "What flour is in it?", "How long does it bake?", "At what heat?", "Thanks!"]
-    off = Engine(model.model, tok, max_concurrency=2, max_seq_len=1024, prefill_chunk=512)
-    store = BlockStore(256 << 20)
-    on = Engine(model.model, tok, max_concurrency=2, max_seq_len=1024, prefill_chunk=512,
-                prompt_cache=PromptCache(store, "chat", 512, 16))
-    off.start()
-    on.start()
-    try:
-        exact = on.prompt_cache.exact_tokens
-        before: list[int] = []
-        for q in questions_:
-            history.append({"role": "user", "content": q})
-            ids = model.encode_chat(history)
-            (want,), _ = run(off, [ids], 12, tok.stop_ids)
-            (got,), (cached,) = run(on, [ids], 12, tok.stop_ids)
-            assert got == want, q
-            shared = 0
-            for a, b in zip(before, ids):
-                if a != b:
-                    break
-                shared += 1
-            if before:
-                assert cached == min(shared, len(ids) - 1) if exact else shared - 16 < cached <= shared, (q, cached, shared)
-            history.append({"role": "assistant", "content": tok.decode(got)})
-            before = ids + got
-            for _ in range(600):  # the idle engine keeps the reply's KV (a fill) before the next turn comes
-                if not on._fills and not any(on.rows):
-                    break
-                threading.Event().wait(0.05)
-    finally:
-        off.stop()
-        on.stop()

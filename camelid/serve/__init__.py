@@ -165,7 +165,7 @@ def build_state(model: str | None = None, api_key: str | None = None, max_concur
 
     attach(net, path, quant)  # the compiled decode step, when `camelid compile` has built one (not with adapters)
     store = store if store is not None else BlockStore(mb_to_bytes(cache_mb))
-    prompt_cache = PromptCache(store, f"{model_id}|{path}|{quant}", model=net)
+    prompt_cache = PromptCache(store, f"{model_id}|{path}|{quant}")
     engine = Engine(net, ckpt.tokenizer, max_concurrency=max_concurrency, max_seq_len=max_seq_len, max_queue=max_queue,
                     prompt_cache=prompt_cache, draft_model=draft[1] if draft is not None else None)
     limits = Limits(max_seq_len=engine.max_seq_len, max_tokens=min(max_tokens or engine.max_seq_len, engine.max_seq_len),

@@ -21,8 +21,7 @@ greedy request gives the same tokens alone or beside others, with the prompt cac
 The prompt cache: a row's first prefill step copies in the longest cached chain of its prompt's chunks;
 every whole chunk it computes is kept. When a request ends, its reply's whole chunks are computed and kept
 too while the engine is idle (a "fill", preempted by any new request), so the next turn of a conversation
-prefills only its new tokens (where reuse is token-granular, prompt_cache.rows_independent; elsewhere also the
-tail of the last whole small chunk).
+prefills only its new tokens and the tail of the last chunk.
 
 Results go out through each sequence's `emit` callback (called on the engine thread): Token events,
 then exactly one Finish.
@@ -41,7 +40,7 @@ import torch
 
 from ..cache import KVCache
 from ..compiled import step_for
-from ..prompt_cache import BIG_CHUNK, SMALL_CHUNK, BlockStore, PromptCache, rows_independent
+from ..prompt_cache import BIG_CHUNK, SMALL_CHUNK, BlockStore, PromptCache
 from ..sampling import GREEDY, SamplingParams, apply_logit_bias, apply_penalties, filter_logits, probabilities, sample
 from ..speculate import DRAFT_TOKENS, DraftLength, ModelDrafter, NgramDrafter, accept_or_resample
 from ..tokenizer import Tokenizer
@@ -114,9 +113,6 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         # off (a store of 0 bytes) still prefills by the same schedule: the cache never changes the numbers
         self.prompt_cache = prompt_cache or PromptCache(BlockStore(0), "", prefill_chunk, min(SMALL_CHUNK, prefill_chunk))
-        if self.prompt_cache.model is None:  # its model: where rows are independent, reuse is token-granular
-            self.prompt_cache.model = model
-            rows_independent(model)
         self._fills: deque[tuple[list[int], str | None, str | None]] = deque(maxlen=max_concurrency)
         self.device = model.device
         self.cache = KVCache.for_model(model, max_concurrency, self.max_seq_len)
@@ -405,15 +401,13 @@ class Engine:
         positions = torch.arange(start, end, device=self.device)[None]
         at = torch.tensor([end - start - 1], device=self.device)
         self._use_adapters([s])
-        row = self.cache.view(b, b + 1)
-        row.query_by_query = pc.query_by_query(self.model, start, end)  # a small chunk, where that is exact
         if s.echo and s.logprobs is not None:  # every position's logits: each predicts the next prompt token
-            every = self.model(tokens, positions, row)[0].float().cpu()  # [T,V]
+            every = self.model(tokens, positions, self.cache.view(b, b + 1))[0].float().cpu()  # [T,V]
             for i, logits in enumerate(every[:len(s.prompt) - 1 - start]):
                 s.prompt_logprobs.append(self._scored(s, s.prompt[start + i + 1], logits))
             logits = every[-1]
         else:
-            logits = self.model(tokens, positions, row, logits_at=at)[0, -1].float().cpu()
+            logits = self.model(tokens, positions, self.cache.view(b, b + 1), logits_at=at)[0, -1].float().cpu()
         s.chain = pc.save(self.cache, b, s.prompt, start, end, s.chain)
         s.pos = end
         if end == len(s.prompt):
