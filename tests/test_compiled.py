@@ -78,6 +78,7 @@ def test_greedy_tokens_the_same_through_generate_and_engine(built):
 
 def test_package_key_follows_model_file_and_flags(tmp_path, monkeypatch):
     monkeypatch.setenv("CAMELID_HOME", str(tmp_path))
+    monkeypatch.delenv("CAMELID_COMPILED")  # conftest turns packages off for the other tests
     f = tmp_path / "m.gguf"
     f.write_bytes(b"GGUF0")
     a, b = compiled.package_path(f, "auto"), compiled.package_path(f, "int8")
