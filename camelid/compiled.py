@@ -6,9 +6,10 @@ filled prefix all dynamic) and compiles it to a `.pt2` package in the model stor
     $CAMELID_HOME/compiled/<key>.pt2     key = the model file (path, size, mtime), torch version, CPU features,
                                          the quant mode, the activation type and STEP_VERSION
 
-The package carries a copy of the weights, but at load the model's own tensors replace them
-(`load_constants(..., user_managed=True)`), so the step
-reads the same tensors as the eager model (the copy's pages are mapped but not meant to be read).
+The package holds the generated code and the few constants Inductor made itself, not the weights: at load the
+model's own tensors are bound to it (`load_constants(..., user_managed=True)`), so the step reads the same tensors as
+the eager model, and the package is a few MB that load in milliseconds (the C++ loader directly, without importing
+torch._inductor, which takes a second of the GIL on 2 cores).
 Prefill, adapters and the reference path stay eager; `attach(model, path)` finds a package built for this
 model and machine and, when there is one, `step_for(model)` gives generate and the server's engine the
 compiled step (eager serves when there is none: compilation never slows a `camelid run`).
@@ -20,12 +21,13 @@ filled length + 1) sets how many cache slots the attention reads, whatever the c
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import warnings
 import weakref
 from pathlib import Path
 
-STEP_VERSION = 1  # bump when the step's inputs or the model's decode graph change
+STEP_VERSION = 2  # bump when the step's inputs or the model's decode graph change
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> CompiledStep
 
 
@@ -114,47 +116,80 @@ def build(model, out: Path) -> Path:
         warnings.simplefilter("ignore", FutureWarning)
         program = export(decode_step(model), _example(model), dynamic_shapes=shapes)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp{os.getpid()}.pt2")
+    tmp, whole = out.with_suffix(f".tmp{os.getpid()}.pt2"), out.with_suffix(f".whole{os.getpid()}.pt2")
+    # the weights beside the code, each on its own (not inside the .so), so that _strip_weights can leave them out
+    configs = {"aot_inductor.package_constants_in_so": False, "aot_inductor.package_constants_on_disk_format": "pickle_weights"}
     try:
         with warnings.catch_warnings():  # torch's own deprecation notices from inside its export machinery
             warnings.simplefilter("ignore", FutureWarning)
-            aoti_compile_and_package(program, package_path=str(tmp))
+            warnings.simplefilter("ignore", UserWarning)  # "No complete tensor found in the group": views of one buffer
+            aoti_compile_and_package(program, package_path=str(whole), inductor_configs=configs)
+        _strip_weights(whole, tmp, model_tensors(model))
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+        whole.unlink(missing_ok=True)
     return out
+
+
+def model_tensors(model) -> dict:
+    """The model's parameters and buffers under the names the exported step gives them."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return {f"model.{k}": t for k, t in named}
+
+
+def _weights_config(archive) -> tuple[str, dict]:
+    """(the folder of the pickled constants, {fqn: [file, shape, stride, offset]}) of an opened package zip."""
+    name = next(n for n in archive.namelist() if n.endswith("/data/aotinductor/model/weights_config.json"))
+    return name.split("/data/")[0] + "/data/weights/", json.loads(archive.read(name))
+
+
+def _strip_weights(src: Path, dst: Path, own: dict) -> None:
+    """Copy the package without the pickled copies of the model's own tensors (bound at load instead)."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        folder, config = _weights_config(zin)
+        dropped = {folder + f for fqn, (f, *_) in config.items() if fqn in own}
+        for info in zin.infolist():
+            if info.filename not in dropped:
+                zout.writestr(info, zin.read(info.filename))
 
 
 class CompiledStep:
     """A loaded package bound to the model whose tensors it uses."""
 
     def __init__(self, model, path: Path) -> None:
-        from torch._inductor import aoti_load_package
+        import io
+        import zipfile
 
-        self.runner = aoti_load_package(str(path))
-        # the model's own tensors replace the package's copies (whose pages are then never read); the few constants
-        # Inductor made itself stay the package's
-        named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-        state = {f"model.{k}": t for k, t in named}
-        own = {k: state[k] for k in self.runner.get_constant_fqns() if k in state}
-        self.runner.load_constants(own, check_full_update=False, user_managed=True)
-        self.dtype = model.dtype
-        # the loader's own run over the flat inputs (tokens, positions, mask, k..., v...): the package's Python
-        # wrapper parses its input spec from JSON on every call, a few hundred microseconds a token
+        import torch
         from torch.utils import _pytree as pytree
 
-        leaves = pytree.treespec_loads(self.runner.loader.get_call_spec()[0]).num_leaves
-        n = model.config.n_layers
-        self._run = self.runner.loader.run if leaves == 3 + 2 * n else None
+        self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        own = model_tensors(model)
+        constants = {}
+        with zipfile.ZipFile(path) as archive:
+            folder, config = _weights_config(archive)
+            for fqn in self.loader.get_constant_fqns():
+                if fqn in own:
+                    constants[fqn] = own[fqn]
+                else:  # a constant Inductor made itself (a few scalars)
+                    file, shape, stride, offset = config[fqn]
+                    t = torch.load(io.BytesIO(archive.read(folder + file)), weights_only=True)
+                    constants[fqn] = t.as_strided(shape, stride, offset)
+        self.loader.load_constants(constants, False, True, True)  # (map, use_inactive, check_full_update, user_managed)
+        self.dtype = model.dtype
+        leaves = pytree.treespec_loads(self.loader.get_call_spec()[0]).num_leaves
+        if leaves != 3 + 2 * model.config.n_layers:
+            raise ValueError(f"the package takes {leaves} inputs, the model {3 + 2 * model.config.n_layers}")
 
     def __call__(self, tokens, positions, cache):
         """Logits [B,V] of one new token per row: tokens, positions [B,1]; cache a camelid.cache.KVCache."""
         from .cache import attention_mask
 
         mask = attention_mask(positions, int(positions.max()) + 1, self.dtype)
-        if self._run is not None:
-            return self._run([tokens, positions, mask, *cache.k, *cache.v])[0]
-        return self.runner(tokens, positions, mask, tuple(cache.k), tuple(cache.v))
+        return self.loader.run([tokens, positions, mask, *cache.k, *cache.v])[0]  # the flat inputs, as exported
 
 
 def attach(model, model_path: str | os.PathLike, quant: str | None, wait: bool = False) -> bool:

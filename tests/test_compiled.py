@@ -29,12 +29,12 @@ def built(tmp_path_factory):
     package = compiled.build(model, folder / "tiny.pt2")
     eager = build_model(read(path), quant="auto")
     fast = build_model(read(path), quant="auto")
-    return eager, fast, compiled.CompiledStep(fast, package), read(path).tokenizer
+    return eager, fast, compiled.CompiledStep(fast, package), read(path).tokenizer, package
 
 
 @pytest.mark.slow
 def test_step_matches_eager_at_any_batch_and_capacity(built):
-    eager, fast, step, _ = built
+    eager, fast, step, _, _ = built
     for batch, capacity in ((1, 40), (3, 97)):
         ce, cc = KVCache.for_model(eager, batch, capacity), KVCache.for_model(fast, batch, capacity)
         prompt = torch.randint(3, 200, (batch, 9))
@@ -49,9 +49,34 @@ def test_step_matches_eager_at_any_batch_and_capacity(built):
         torch.testing.assert_close(cc.k[1][:, :, :10], ce.k[1][:, :, :10])  # written in place, where eager writes
 
 
+def test_the_package_holds_no_weights_and_reads_the_models_own(built):
+    """The package keeps the code and Inductor's few scalars, not copies of the weights: the step reads the model's
+    tensors themselves, so a change to one in place shows in the next step's logits as in eager's."""
+    import zipfile
+
+    eager, fast, step, _, package = built
+    own = compiled.model_tensors(fast)
+    with zipfile.ZipFile(package) as archive:
+        folder, config = compiled._weights_config(archive)
+        stored = {n for n in archive.namelist() if n.startswith(folder)}
+    assert own and not any(folder + config[fqn][0] in stored for fqn in own if fqn in config)
+    assert package.stat().st_size < sum(t.numel() * t.element_size() for t in own.values()) + (8 << 20)
+    tokens, positions = torch.tensor([[7]]), torch.tensor([[3]])  # the exported span is at least 2
+    with torch.inference_mode():
+        before = step(tokens, positions, KVCache.for_model(fast, 1, 8))
+        for m in (eager, fast):  # a tensor of the model's own (the norms are views of the read-only file)
+            m.layers[0].attention.wo.scale_zero.mul_(2.0)
+        want = eager(tokens, positions, KVCache.for_model(eager, 1, 8))[:, -1]
+        after = step(tokens, positions, KVCache.for_model(fast, 1, 8))
+        for m in (eager, fast):
+            m.layers[0].attention.wo.scale_zero.div_(2.0)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, want, atol=1e-3, rtol=1e-3)
+
+
 @pytest.mark.slow
 def test_greedy_tokens_the_same_through_generate_and_engine(built):
-    eager, fast, step, tokenizer = built
+    eager, fast, step, tokenizer, _ = built
     prompts = [[5, 17, 40, 2, 9], [7, 8, 100, 33, 1, 4, 4, 60, 12, 3, 9]]
     requests = [Request(p, 12) for p in prompts]
     want = list(generate(eager, requests))
