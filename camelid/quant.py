@@ -110,8 +110,18 @@ def from_gguf(kind: str, data: np.ndarray, shape: tuple[int, int]) -> Int4Weight
         return None
     n, k = shape
     data = np.asarray(data)
-    parts = [int4_from_blocks(ggml_blocks.decode(kind, data[i : i + CHUNK_ROWS], k)) for i in range(0, n, CHUNK_ROWS)]
-    return concat(parts) if len(parts) > 1 else parts[0]
+    out = None  # filled a chunk of rows at a time (no list of parts concatenated: half the peak memory)
+    for i in range(0, n, CHUNK_ROWS):
+        part = int4_from_blocks(ggml_blocks.decode(kind, data[i : i + CHUNK_ROWS], k))
+        if out is None:
+            if part.q.shape[0] == n:
+                return part
+            out = Int4Weight(part.q.new_empty(n, part.q.shape[1]), part.scale.new_empty(n, part.scale.shape[1]),
+                             part.zero.new_empty(n, part.zero.shape[1]), part.group, part.doubled_input, part.split16)
+        rows = slice(i, i + part.q.shape[0])
+        out.q[rows], out.scale[rows], out.zero[rows] = part.q, part.scale, part.zero
+        del part
+    return out
 
 
 def int4_from_blocks(b) -> Int4Weight:
@@ -224,9 +234,14 @@ class Int4Linear(nn.Module):
             q = torch.cat([q, torch.zeros(pad, q.shape[1], dtype=q.dtype)])
             none = torch.zeros(pad, w.scale.shape[1])
             w = Int4Weight(q, torch.cat([w.scale, none]), torch.cat([w.zero, none]), w.group, w.doubled_input, w.split16)
-        if device.type == "cpu":  # packed a chunk of rows at a time (the int32 input is 4 bytes per weight)
-            packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[i : i + CHUNK_ROWS].to(torch.int32), 2)
-                                for i in range(0, q.shape[0], CHUNK_ROWS)])
+        if device.type == "cpu":  # packed a chunk of rows at a time (the int32 input is 4 bytes per weight), in place
+            packed = None
+            for i in range(0, q.shape[0], CHUNK_ROWS):
+                part = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[i : i + CHUNK_ROWS].to(torch.int32), 2)
+                if packed is None:
+                    packed = part.new_empty(q.shape[0], *part.shape[1:])
+                packed[i : i + part.shape[0]] = part
+                del part
         else:  # CUDA: the kernel wants the pairs packed into uint8 first
             packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(device), 8)
         self.register_buffer("packed", packed.to(device))
