@@ -76,6 +76,8 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype | None = None, device: str 
     if tie:
         model.output.weight = model.tok_embeddings.weight
     model.reset_buffers()
+    if quant is not None and ckpt.drop_pages is not None:  # the quantized layers hold their own copies now
+        ckpt.drop_pages()
     leftover = [n for n, t in model.state_dict().items() if t.is_meta]
     if leftover:  # a bug here, not in the file
         raise RuntimeError(f"not loaded: {leftover[:3]}")
@@ -161,6 +163,8 @@ def _quantize_into(model: Transformer, ckpt: Checkpoint, mode: str, device, dtyp
             ffn.w13, ffn.w1, ffn.w3 = m, None, None
         if (m := fused([p + "w2.weight"])) is not None:
             ffn.w2 = m
+    if ckpt.drop_pages is not None:  # the blocks' pages, before the embedding and output layer's conversion peaks
+        ckpt.drop_pages()
 
     emb = ckpt.tensors["tok_embeddings.weight"]
     out_name = "tok_embeddings.weight" if ckpt.config.tie_embeddings else "output.weight"

@@ -39,6 +39,8 @@ class Checkpoint:
     format: str  # "gguf", "hf", "meta"
     path: Path
     info: dict = field(default_factory=dict)  # format-specific facts for `camelid info`
+    # hands back the resident pages of a memory-mapped file once its weights are converted (None: nothing to do)
+    drop_pages: Callable[[], None] | None = None
 
 
 def detect(folder: Path) -> tuple[str, Path, str]:

@@ -95,8 +95,33 @@ class _Meta:
     a second, so what is parsed is kept in a cache file beside the model store, keyed by the file's path, size
     and modification time; a later read maps the file and takes the values from the cache."""
 
-    def __init__(self, path: Path, fields: dict, broken: dict[str, str], tensors: list[_Tensor]) -> None:
+    def __init__(self, path: Path, fields: dict, broken: dict[str, str], tensors: list[_Tensor], mapping=None) -> None:
         self.path, self.fields, self.broken, self.tensors = path, fields, broken, tensors
+        self.mapping = mapping  # the file's mmap.mmap, for drop_pages
+
+
+def _mapping_of(array: np.ndarray):
+    """The mmap.mmap under a view of an np.memmap, or None."""
+    while array is not None:
+        if isinstance(array, np.memmap):
+            return getattr(array, "_mmap", None)
+        array = array.base if isinstance(array.base, np.ndarray) else None
+    return None
+
+
+def _dropper(mapping):
+    """A function that hands the pages of the file's mapping that this process touched back (MADV_DONTNEED): they
+    stay in the page cache, and a tensor still viewing them (a norm weight) reads them again on its next use. After
+    a load has converted the weights, the file's pages would otherwise count in the process's RSS for good."""
+    import mmap
+
+    def drop() -> None:
+        try:
+            mapping.madvise(mmap.MADV_DONTNEED)
+        except (AttributeError, OSError, ValueError):  # no madvise here (Windows), or the map is closed
+            pass
+
+    return drop if mapping is not None and hasattr(mmap, "MADV_DONTNEED") else None
 
 
 CACHE_VERSION = 1
@@ -118,13 +143,14 @@ def _cache_file(path: Path) -> Path | None:
 def _map(path: Path, layout: list[tuple]) -> list[_Tensor]:
     from gguf import GGMLQuantizationType
 
-    whole = np.memmap(path, mode="r").view(np.ndarray)
+    mapped = np.memmap(path, mode="r")
+    whole = mapped.view(np.ndarray)
     out = []
     for name, kind, dims, offset, dtype, np_shape in layout:
         count = int(np.prod(np_shape))
         data = whole[offset : offset + count * np.dtype(dtype).itemsize].view(dtype).reshape(np_shape)
         out.append(_Tensor(name, GGMLQuantizationType(kind), np.asarray(dims), data))
-    return out
+    return out, getattr(mapped, "_mmap", None)
 
 
 def _open(path: Path) -> _Meta:
@@ -135,7 +161,7 @@ def _open(path: Path) -> _Meta:
         try:
             with open(cache, "rb") as f:
                 fields, broken, layout = pickle.load(f)
-            return _Meta(path, fields, broken, _map(path, layout))
+            return _Meta(path, fields, broken, *_map(path, layout))
         except Exception:  # a damaged or foreign cache file: parse the model file again
             pass
     try:
@@ -161,7 +187,7 @@ def _open(path: Path) -> _Meta:
             os.replace(tmp, cache)
         except OSError:
             pass
-    return _Meta(path, fields, broken, tensors)
+    return _Meta(path, fields, broken, tensors, _mapping_of(reader.data))
 
 
 def _field(reader: _Meta, key: str, default=None):
@@ -311,4 +337,4 @@ def read(path: Path) -> Checkpoint:
         quant = str(file_type)
     info = {"name": _field(reader, "general.name"), "quantization": quant,
             "tensor_types": sorted({t.dtype for t in tensors.values()}), "gguf_version": _field(reader, "GGUF.version")}
-    return Checkpoint(config, tensors, tokenizer, "gguf", path, info)
+    return Checkpoint(config, tensors, tokenizer, "gguf", path, info, drop_pages=_dropper(reader.mapping))
