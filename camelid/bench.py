@@ -74,6 +74,7 @@ def _worker_camelid(path: str, threads: int, pp: int, tg: int, repeats: int, qua
             pp_times.append(time.perf_counter() - t)
         for _ in range(repeats):
             tg_times.append(decode(KVCache.for_model(model, 1, tg + 1), 1, tg))
+        peak = _rss_mb()  # after the work the peers do too (pp512, tg128), before the deep caches
         # decode deep in the context: the cache filled to DEPTHS (random keys), capacity 4096 either way
         deep = {}
         for depth in DEPTHS:
@@ -83,7 +84,7 @@ def _worker_camelid(path: str, threads: int, pp: int, tg: int, repeats: int, qua
                 model(ids, torch.arange(start, start + ids.shape[1])[None], cache, logits_at=torch.tensor([0]))
             deep[depth] = DEEP_STEPS / statistics.median(decode(cache, depth, DEEP_STEPS) for _ in range(repeats))
     return {"load_s": load_s, "prefill_tok_s": pp / statistics.median(pp_times),
-            "decode_tok_s": tg / statistics.median(tg_times), "peak_rss_mb": _rss_mb(),
+            "decode_tok_s": tg / statistics.median(tg_times), "peak_rss_mb": peak, "peak_rss_deep_mb": _rss_mb(),
             "compiled": step_for(model) is not None, **{f"decode_at_{d}_tok_s": v for d, v in deep.items()}}
 
 
@@ -234,7 +235,7 @@ def measure(engine: str, path: str, threads: int, repeats: int = 3, pp: int = 51
             progress(f"{engine}: run {i + 1}/{repeats}")
         runs.append(_run_worker(["worker", engine, path, str(threads), str(pp), str(tg), "1", str(quant)]))
     firsts = [time_to_first_token(engine, path, threads, quant) for _ in range(repeats)]
-    numbers = [k for k in runs[0] if k in KEYS or k.startswith("decode_at_")]
+    numbers = [k for k in runs[0] if k in KEYS or k.startswith("decode_at_") or k == "peak_rss_deep_mb"]
     out = {k: statistics.median(r[k] for r in runs) for k in numbers}
     if "compiled" in runs[0]:
         out["compiled"] = runs[0]["compiled"]
@@ -298,7 +299,9 @@ def table(result: dict) -> str:
                         f"first token {q['ttft']:.2f}x sooner, {q['rss']:.2f}x less memory")
     if "decode_at_2000_tok_s" in result:
         d1, d2 = result["decode_at_100_tok_s"], result["decode_at_2000_tok_s"]
-        rows.append(f"camelid decode at position 100: {d1:.1f} tok/s, at 2000: {d2:.1f} tok/s ({d1 / d2:.2f}x the time per token)")
+        deep_rss = f"; peak RSS {result['peak_rss_deep_mb']:.0f} MB with its 4096-slot caches" if "peak_rss_deep_mb" in result else ""
+        rows.append(f"camelid decode at position 100: {d1:.1f} tok/s, at 2000: {d2:.1f} tok/s ({d1 / d2:.2f}x the time per token)"
+                    + deep_rss)
     m = result["machine"]
     rows.append(f"{m['cpu']}, {m['cores']} cores, {result['threads']} threads, torch {m['torch']}; medians of {result['repeats']}; "
                 f"camelid {result['quant']} path" + (", compiled decode step" if result.get("compiled") else ", eager decode"))

@@ -287,8 +287,9 @@ def serve(model_path: str | None = None, host: str = DEFAULT_HOST, port: int = D
     if keep_alive <= 0:
         raise CamelidError(f"--keep-alive must be > 0 seconds, got {keep_alive:g}")
     from .policy import load_policy
+    from .threads import in_own_thread  # the loads off the main thread (threads.py says why)
 
-    policy = load_policy(options.pop("policy", None), options.pop("guard", None), options.pop("guard_version", None))
+    policy = in_own_thread(load_policy, options.pop("policy", None), options.pop("guard", None), options.pop("guard_version", None))
 
     from .keys import KeyStore
 
@@ -301,15 +302,15 @@ def serve(model_path: str | None = None, host: str = DEFAULT_HOST, port: int = D
         atexit.register(log.close)
         print(f"camelid: audit log {log.path}, signed by {log.key.id} (public key {log.pub_path}: keep a copy "
               "elsewhere to verify against)", file=sys.stderr)
-    speculate, draft = load_draft(options.pop("speculate", "none"), options.get("quant", "auto"), models)
+    speculate, draft = in_own_thread(load_draft, options.pop("speculate", "none"), options.get("quant", "auto"), models)
     options.update(speculate=speculate, draft=draft)
     registry = None
     if models:
         options.pop("model_id", None)
-        state, registry = build_registry(models, max_loaded, memory_mb, model_keep_alive, api_key=api_key,
-                                         max_concurrency=max_concurrency, **options)
+        state, registry = in_own_thread(build_registry, models, max_loaded, memory_mb, model_keep_alive, api_key=api_key,
+                                        max_concurrency=max_concurrency, **options)
     else:
-        state = build_state(model_path, api_key=api_key, max_concurrency=max_concurrency, **options)
+        state = in_own_thread(build_state, model_path, api_key=api_key, max_concurrency=max_concurrency, **options)
     state.keys = store
     if store is not None:
         if not any(k.status(time.time()) == "active" for k in store.keys.values()):

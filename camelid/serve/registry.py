@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .params import ApiError
+from .threads import in_own_thread_async
 
 DEFAULT_MODEL_KEEP_ALIVE = 300.0  # seconds an idle model stays loaded (Ollama's default is 5 minutes)
 MODEL_SUFFIXES = (".gguf",)
@@ -151,7 +152,7 @@ class Registry:
                     pass
             entry.status = "loading"
         try:
-            state = await asyncio.to_thread(self.build, entry.name, entry.source)
+            state = await in_own_thread_async(self.build, entry.name, entry.source)
             state.engine.start()
         except Exception as e:
             async with cond:
