@@ -280,11 +280,19 @@ def load(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype | Non
         from .formats.peft import read_adapter
 
         adapter_data = read_adapter(adapter)
-    model = build_model(ckpt, dtype=dtype, device=device, quant=quant)
-    if adapter_data is not None:
-        from .train.lora import load_adapter
+    from .threads import in_own_thread
 
-        load_adapter(model, adapter_data)
+    def build():
+        model = build_model(ckpt, dtype=dtype, device=device, quant=quant)
+        if adapter_data is not None:
+            from .train.lora import load_adapter
+
+            load_adapter(model, adapter_data)
+        return model
+
+    # converted in a thread that ends with it: the thread that generates is then the only one with an OpenMP team,
+    # whichever it is (camelid/threads.py; an app generating in a worker thread decoded 2-4x slower otherwise)
+    model = in_own_thread(build)
     from .compiled import attach
 
     attach(model, ckpt.path, quant)  # the compiled decode step, when `camelid compile` has built one

@@ -286,8 +286,8 @@ def serve(model_path: str | None = None, host: str = DEFAULT_HOST, port: int = D
 
     if keep_alive <= 0:
         raise CamelidError(f"--keep-alive must be > 0 seconds, got {keep_alive:g}")
+    from ..threads import in_own_thread  # the loads off the main thread (camelid/threads.py says why)
     from .policy import load_policy
-    from .threads import in_own_thread  # the loads off the main thread (threads.py says why)
 
     policy = in_own_thread(load_policy, options.pop("policy", None), options.pop("guard", None), options.pop("guard_version", None))
 

@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..threads import in_own_thread_async
 from .params import ApiError
-from .threads import in_own_thread_async
 
 DEFAULT_MODEL_KEEP_ALIVE = 300.0  # seconds an idle model stays loaded (Ollama's default is 5 minutes)
 MODEL_SUFFIXES = (".gguf",)

@@ -1,11 +1,12 @@
-"""Where the server's slow loads run: each in a thread of its own that ends with it.
+"""Where slow loads run: each in a thread of its own that ends with it (the server's models, draft and guard, and
+camelid.load's conversion).
 
 Torch's CPU kernels (and the compiled decode step's) run on OpenMP, and libgomp gives every thread that starts a
 parallel region a team of worker threads that lives as long as that thread. Once its threads outnumber the cores,
 libgomp stops letting idle workers spin and wakes them through the kernel for every parallel region: on 2 cores a
 server whose main thread had loaded the model (a team of its own) decoded in its engine thread at 34 ms a token
-against 7 ms in-process (the same compiled step; eager 31 against 15 ms). A load in a thread that then ends takes
-its team with it, so the engine's is the only one.
+against 7 ms in-process (the same compiled step; eager 31 against 15 ms), and so did an app that loaded a model and
+generated in a worker thread. A load in a thread that then ends takes its team with it.
 """
 
 from __future__ import annotations
