@@ -1,5 +1,5 @@
 """The server's loads run in threads that end with them, so that the engine thread is the only one with an OpenMP
-team (camelid/serve/threads.py: with two, libgomp stops its workers spinning and decode got 4x slower on 2 cores)."""
+team (camelid/threads.py: with two, libgomp stops its workers spinning and decode got 4x slower on 2 cores)."""
 
 from __future__ import annotations
 
