@@ -20,7 +20,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def _start(fn: Callable[..., T], args: tuple, kwargs: dict, name: str) -> concurrent.futures.Future:
+def _start(fn: Callable[..., T], args: tuple, kwargs: dict) -> concurrent.futures.Future:
     future: concurrent.futures.Future = concurrent.futures.Future()
 
     def run() -> None:
@@ -29,15 +29,15 @@ def _start(fn: Callable[..., T], args: tuple, kwargs: dict, name: str) -> concur
         except BaseException as e:  # noqa: BLE001 - handed to the caller, who raises it
             future.set_exception(e)
 
-    threading.Thread(target=run, name=name, daemon=True).start()
+    threading.Thread(target=run, name="camelid-load", daemon=True).start()
     return future
 
 
-def in_own_thread(fn: Callable[..., T], *args, name: str = "camelid-load", **kwargs) -> T:
+def in_own_thread(fn: Callable[..., T], *args, **kwargs) -> T:
     """fn(*args, **kwargs) run in a new thread that ends with it; its result, or its exception raised here."""
-    return _start(fn, args, kwargs, name).result()
+    return _start(fn, args, kwargs).result()
 
 
-async def in_own_thread_async(fn: Callable[..., T], *args, name: str = "camelid-load", **kwargs) -> T:
+async def in_own_thread_async(fn: Callable[..., T], *args, **kwargs) -> T:
     """The same, awaited from the event loop (asyncio.to_thread's pool threads live on, and their teams with them)."""
-    return await asyncio.wrap_future(_start(fn, args, kwargs, name))
+    return await asyncio.wrap_future(_start(fn, args, kwargs))
