@@ -373,8 +373,18 @@ def test_guard_failure_fails_closed(server, guard, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("out of memory")
 
+    import threading
+
+    answered = threading.Event()
+
+    def stuck(*a, **k):  # a guard that does not answer in time, however slow the machine (a real one could win the race)
+        answered.wait(60)
+        raise RuntimeError("too late")
+
+    monkeypatch.setattr(guard, "judge", stuck)
     use(app, model=guard, guard={"on": "input", "categories": list(gf.CODES), "timeout": 1e-9})
     _, _, status, body = ask(client, True, False, text="write a cake")
+    answered.set()
     assert status == 503 and "did not answer within" in body["error"]["message"]
     use(app, model=guard, guard={"on": "both", "categories": list(gf.CODES)})
     monkeypatch.setattr(guard, "judge", broken)
