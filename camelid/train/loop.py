@@ -32,6 +32,7 @@ from ..errors import CamelidError
 from ..progress import Progress
 from . import checkpoint
 from .distributed import DistContext, all_reduce_sum, gather_objects, setup, shard
+from .head import linear_cross_entropy
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -50,7 +51,7 @@ class TrainConfig:
     lr * min_lr_ratio. Weight decay applies to parameters of 2 or more dimensions only (not norms, biases).
     eval_every / save_every: every that many steps (0: only at the end); the last step always validates
     (when validation data is given) and saves. precision: "auto" is bf16 autocast where the device computes
-    bf16 natively (CUDA with bf16, a CPU with AVX512-BF16 or AMX), else fp32.
+    bf16 natively (CUDA with bf16, a CPU with AVX512-BF16 or AMX), else fp32. compile: see compile_blocks.
     """
 
     steps: int | None = None
@@ -70,6 +71,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each block (compile_blocks): slower first steps, faster ones after
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -211,6 +213,34 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         block._camelid_checkpointed = True
 
 
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each block (regional compilation), for training: Inductor fuses the casts, norms, RoPE,
+    SwiGLU and residual adds of forward and backward into a few kernels around the matrix products.
+
+    The blocks are alike, so Dynamo traces one and every block reuses its graph (parameters are inputs): the
+    first steps pay the compilation (about 25 s for the default model on 2 cores, a few seconds once Inductor's
+    on-disk cache holds it), each later step is faster (docs/performance.md). A second sequence length
+    recompiles once with a dynamic length. On the CPU Inductor needs a C++ compiler: without one this is a
+    TrainError naming it, before any step. Apply after activation checkpointing and before FSDP2 sharding.
+    """
+    if _device_of(model).type == "cpu":
+        from torch._inductor import cpp_builder
+
+        try:
+            cpp_builder.get_cpp_compiler()
+        except Exception as e:  # no g++/clang++ on the PATH (or CXX names none)
+            raise TrainError(f"--compile needs a C++ compiler for torch.compile on the CPU ({_first_line(e)}): "
+                             "install g++ or run without --compile") from None
+    for block in model.layers:
+        if not getattr(block, "_camelid_compiled", False):
+            block.compile()
+            block._camelid_compiled = True
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -290,19 +320,38 @@ class MetricsLog:
 # --- the step ------------------------------------------------------------------------------------------------
 
 
-def _forward_loss(model: nn.Module, batch, device: torch.device, precision: str) -> torch.Tensor:
+def head_weight(model: nn.Module, ctx: DistContext, precision: str) -> torch.Tensor | None:
+    """The output layer's weight for the fused output-and-loss step (head.py), in the products' type when it is
+    frozen (cast once per run rather than once per forward); None where the model's own output layer must run
+    (under FSDP2, whose hooks gather the weight inside the model's forward; or a model without a plain one)."""
+    output = getattr(model, "output", None)
+    if ctx.world > 1 or not isinstance(output, nn.Linear) or output.bias is not None:
+        return None
+    weight = output.weight
+    if not weight.requires_grad and precision == "bf16":
+        return weight.detach().to(torch.bfloat16)
+    return weight
+
+
+def _forward_loss(model: nn.Module, batch, device: torch.device, precision: str,
+                  head: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of the token cross-entropies of `batch` (targets -100 ignored), in float32. The output layer runs only at
     the positions that have a target (the assistant's tokens of a chat record, say): the same loss and gradients
-    as all logits with ignore_index, without the [T, vocabulary] products and their memory elsewhere."""
+    as all logits with ignore_index, without the [T, vocabulary] products and their memory elsewhere. With `head`
+    (head_weight's) the output layer and the loss are one chunked step (head.linear_cross_entropy)."""
     kw = {} if batch.segments is None else {"segments": batch.segments.to(device, non_blocking=True)}
     targets = batch.targets.to(device, non_blocking=True)
     wanted = targets != -100
     every = bool(wanted.all())  # pretraining: every position (and the compiled model keeps one static graph)
+    picked = targets.flatten() if every else targets[wanted]
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        logits = model(batch.tokens.to(device, non_blocking=True), positions=batch.positions.to(device, non_blocking=True),
-                       logits_at=None if every else wanted, **kw)
-    # logits [B,T,V] at every position, or [N,V] at the wanted ones
-    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten() if every else targets[wanted], reduction="sum")
+        out = model(batch.tokens.to(device, non_blocking=True), positions=batch.positions.to(device, non_blocking=True),
+                    logits_at=None if every else wanted, hidden=head is not None, **kw)
+        # hidden states [B,T,D] / logits [B,T,V] at every position, or [N,D] / [N,V] at the wanted ones
+        if head is not None:
+            return linear_cross_entropy(out.flatten(0, -2), head, picked,
+                                        torch.bfloat16 if precision == "bf16" else head.dtype)
+    return F.cross_entropy(out.float().flatten(0, -2), picked, reduction="sum")
 
 
 def _grad_norm(params: list[nn.Parameter], max_norm: float | None) -> float:
@@ -313,14 +362,15 @@ def _grad_norm(params: list[nn.Parameter], max_norm: float | None) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, ctx: DistContext, precision: str) -> float:
+def evaluate(model: nn.Module, batches: Iterable, ctx: DistContext, precision: str,
+             head: torch.Tensor | None = None) -> float:
     """Mean cross-entropy per target token over `batches`, over all processes (each passes its own shard; every
     process must have the same number of batches, since each forward is a collective under FSDP2)."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)
     for batch in batches:
-        totals[0] += _forward_loss(model, batch, ctx.device, precision).double()
+        totals[0] += _forward_loss(model, batch, ctx.device, precision, head).double()
         totals[1] += int((batch.targets != -100).sum())
     model.train(was_training)
     all_reduce_sum(totals, ctx)
@@ -388,11 +438,14 @@ def train(
     precision = resolve_precision(cfg.precision, ctx.device)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if cfg.compile:
+        compile_blocks(model)
     if ctx.world > 1:
         _check_same_weights(model, ctx)
         shard(model, ctx)
     optimizer = _optimizer(model, cfg, ctx.device)
     params = [p for p in model.parameters() if p.requires_grad]
+    head = head_weight(model, ctx, precision)
 
     step, tokens, targets_seen, elapsed = 0, 0, 0, 0.0
     if resume:
@@ -425,7 +478,7 @@ def train(
             for i, batch in enumerate(micro):
                 if ctx.world > 1:  # reduce gradients once per optimizer step, after the last micro-batch
                     model.set_requires_gradient_sync(i == len(micro) - 1)
-                ce = _forward_loss(model, batch, ctx.device, precision)
+                ce = _forward_loss(model, batch, ctx.device, precision, head)
                 (ce * (ctx.world / n_targets)).backward()
                 loss_sum += ce.detach().double()
             grad_norm = _grad_norm(params, cfg.max_grad_norm)
@@ -443,7 +496,7 @@ def train(
                       "grad_norm": grad_norm, "tokens": tokens, "targets": targets_seen,
                       "tokens_per_s": n_tokens / max(dt, 1e-9), "elapsed_s": round(elapsed, 3)}
             if val_batches is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
-                last_val = evaluate(model, val_batches() if callable(val_batches) else val_batches, ctx, precision)
+                last_val = evaluate(model, val_batches() if callable(val_batches) else val_batches, ctx, precision, head)
                 record["val_loss"] = last_val
             if ctx.main:
                 if on_log is not None:

@@ -220,9 +220,6 @@ def pretrain(data: str | os.PathLike, out: str | os.PathLike, *, preset: str | N
         init_weights(model, seed)
     model.train().requires_grad_(True)
     model.to(ctx.device)
-    if compile:
-        for block in model.layers:
-            block.compile()
 
     if steps is None and epochs is None:
         epochs = 1.0
@@ -231,7 +228,7 @@ def pretrain(data: str | os.PathLike, out: str | os.PathLike, *, preset: str | N
                                  warmup_ratio=0.0 if warmup_steps is not None else 0.05, weight_decay=weight_decay,
                                  betas=(0.9, 0.95), grad_accum=grad_accum, max_grad_norm=max_grad_norm,
                                  eval_every=eval_every or 0, save_every=save_every or 0, seed=seed, precision=precision,
-                                 activation_checkpointing=activation_checkpointing)
+                                 activation_checkpointing=activation_checkpointing, compile=compile)
     try:
         cfg_train.validate()
     except ValueError as e:
