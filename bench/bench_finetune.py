@@ -12,6 +12,8 @@ autocast where the CPU computes bfloat16 natively); transformers runs float32 (w
 and, for LoRA, also bf16 autocast. Where the CPU has native bfloat16, camelid also runs with precision fp32
 (camelid-lora-fp32, camelid-full-fp32), and each camelid row is compared with the peer of the same arithmetic
 (the table's precision and peer columns): peft-lora-bf16 for camelid's bf16 LoRA, peft-lora for float32.
+camelid-lora-compiled is camelid-lora with --compile (torch.compile per block); "warm-up s" is the time of the
+unmeasured first steps, which holds its compilation (less on later runs, from Inductor's on-disk cache).
 
 --data text (default): rows of plain text, every token trained. --data chat: each row one multi-turn conversation
 (the question/answer pairs of examples/facts, as many as fit in seq-len), rendered by camelid's chat-template code,
@@ -34,8 +36,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ("camelid-lora", "camelid-lora-fp32", "camelid-qlora", "camelid-full", "camelid-full-fp32", "peft-lora",
-           "peft-lora-bf16", "transformers-full")
+CONFIGS = ("camelid-lora", "camelid-lora-compiled", "camelid-lora-fp32", "camelid-qlora", "camelid-full",
+           "camelid-full-fp32", "peft-lora", "peft-lora-bf16", "transformers-full")
 NEED_NATIVE_BF16 = ("camelid-lora-fp32", "camelid-full-fp32", "peft-lora-bf16")  # elsewhere fp32 is camelid's default
 TEXT = ("Llamas are domesticated South American camelids, widely used as meat and pack animals by Andean cultures "
         "since the pre-Columbian era. They are social animals and live with others as a herd. Their wool is soft "
@@ -100,20 +102,20 @@ def _worker_camelid(path: str, method: str, seq_len: int, steps: int, warmup: in
     import camelid
     from camelid.train.loop import resolve_precision
 
-    method, _, precision = method.partition("-")
-    precision = resolve_precision(precision or "auto", torch.device("cpu"))
+    method, *options = method.split("-")  # lora | lora-fp32 | lora-compiled ...
+    precision = resolve_precision("fp32" if "fp32" in options else "auto", torch.device("cpu"))
 
     with tempfile.TemporaryDirectory() as tmp:
         data, _ = _rows(path, data_kind, seq_len, steps + warmup, Path(tmp))
         out = Path(tmp) / "out"
         camelid.finetune(path, data, out, method=method, steps=steps + warmup, seq_len=seq_len, batch_size=1,
                          rank=8, alpha=16, dropout=0.0, lr=1e-4, warmup_steps=1, eval_every=10**6, progress=False,
-                         pack=data_kind == "text", precision=precision)
+                         pack=data_kind == "text", precision=precision, compile="compiled" in options)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     measured = rows[warmup:]
     tps = statistics.median(r["tokens_per_s"] for r in measured)
     return {"tokens_per_s": tps, "peak_rss_mb": _rss_mb(), "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
-            "bf16": precision == "bf16"}
+            "bf16": precision == "bf16", "warmup_s": rows[warmup - 1]["elapsed_s"] if warmup else 0.0}
 
 
 def _worker_transformers(path: str, method: str, seq_len: int, steps: int, warmup: int, bf16: bool = False,
@@ -137,7 +139,7 @@ def _worker_transformers(path: str, method: str, seq_len: int, steps: int, warmu
     opt = torch.optim.AdamW(params, lr=1e-4)
     with tempfile.TemporaryDirectory() as tmp:
         rows = _rows(path, data_kind, seq_len, steps + warmup, Path(tmp))[1]
-    times, losses = [], []
+    times, losses, spent = [], [], []
     for row, labels in rows:
         x = torch.tensor([row])
         t = time.perf_counter()
@@ -147,10 +149,12 @@ def _worker_transformers(path: str, method: str, seq_len: int, steps: int, warmu
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append((len(row) - 1) / (time.perf_counter() - t))
+        spent.append(time.perf_counter() - t)
+        times.append((len(row) - 1) / spent[-1])
         losses.append(float(loss))
     tps = statistics.median(times[warmup:])
-    return {"tokens_per_s": tps, "peak_rss_mb": _rss_mb(), "loss_first": losses[0], "loss_last": losses[-1], "bf16": bf16}
+    return {"tokens_per_s": tps, "peak_rss_mb": _rss_mb(), "loss_first": losses[0], "loss_last": losses[-1], "bf16": bf16,
+            "warmup_s": sum(spent[:warmup])}
 
 
 def worker(config: str, path: str, seq_len: int, steps: int, warmup: int, data_kind: str = "text") -> dict:
@@ -233,8 +237,9 @@ def main() -> None:
 
     print(f"CPU: {summary['cpu']} ({summary['cpu_features']}), {threads} threads; {args.data} data, seq {args.seq_len}, batch 1, "
           f"{args.steps} measured steps after {args.warmup}; medians of {args.repeats} processes\n")
-    print("| configuration | precision | tokens/s | peak RSS MB | peer | tokens/s vs peer | RSS vs peer | loss first -> last |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| configuration | precision | tokens/s | peak RSS MB | peer | tokens/s vs peer | RSS vs peer | warm-up s "
+          "| loss first -> last |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for c in CONFIGS:
         if c not in med:
             continue
@@ -242,7 +247,7 @@ def main() -> None:
         ratio = f"{m['tokens_per_s'] / p['tokens_per_s']:.2f}x" if p else "-"
         rss = f"{m['peak_rss_mb'] / p['peak_rss_mb']:.2f}x" if p else "-"
         print(f"| {c} | {'bf16' if m['bf16'] else 'fp32'} | {m['tokens_per_s']:.1f} | {m['peak_rss_mb']:.0f} | "
-              f"{peer(c) if p else '-'} | {ratio} | {rss} | "
+              f"{peer(c) if p else '-'} | {ratio} | {rss} | {m.get('warmup_s', 0):.1f} | "
               f"{m['loss_first']:.3f} -> {m['loss_last']:.3f} |")
 
 

@@ -8,7 +8,8 @@ template that run/chat/serve use, packing), lora.py (adapters wrapping the model
 loop.py (the one training loop that pretraining shares: accumulation, AdamW, warmup + cosine, clipping, bf16
 autocast, metrics.jsonl, atomic checkpoints, exact resume, FSDP2 under torchrun). This file only chooses and wires:
 
-- method "lora":  the base on the float32 reference path, frozen; LoRA A/B trained.
+- method "lora":  the base on the float reference path, frozen (Q/K/V and gate/up fused, in bfloat16 under bf16
+                  autocast: _fuse_frozen_linears); LoRA A/B trained.
 - method "qlora": the base kept quantized as stored (GGUF Q4_0/Q4_1/Q8_0, camelid int8/int4; a float base is
                   quantized to int4 at load), frozen; gradients flow through dequantize-on-the-fly; LoRA trained.
 - method "full":  every weight copied out of the file's read-only memory map, then all trained.
@@ -52,14 +53,16 @@ def finetune(model: str | os.PathLike | None = None, data: str | os.PathLike = "
              save_every: int | None = None, eval_every: int | None = None, warmup_steps: int | None = None,
              weight_decay: float = 0.0, max_grad_norm: float = 1.0, seed: int = 0, resume: bool = False,
              train_on_prompt: bool = False, skip_bad: bool = False, pack: bool = True, precision: str = "auto",
-             activation_checkpointing: bool = False, system: str | None = None, progress: bool = True) -> FinetuneResult:
+             activation_checkpointing: bool = False, compile: bool = False, system: str | None = None,
+             progress: bool = True) -> FinetuneResult:
     """Fine-tune `model` (store name or path; default: the default model) on `data` (JSONL of chat conversations,
     instruction records or {"text": ...} lines, or a .txt file) and write the result to `out`.
 
     Exactly one of steps / epochs (default: 1 epoch). batch_tokens (tokens per micro-batch, packed) or batch_size
     (rows per micro-batch); grad_accum micro-batches per optimizer step. val (a file) or val_frac (a share of data)
     for validation loss every eval_every steps. Checkpoints every save_every steps into OUT/checkpoint (atomic);
-    resume=True continues from it exactly. Raises CamelidError (one line) on bad input.
+    resume=True continues from it exactly. compile: torch.compile each block (loop.compile_blocks), slower to
+    start, faster per step. Raises CamelidError (one line) on bad input.
     """
     from ..chat import template_for
     from ..formats import read
@@ -134,6 +137,9 @@ def finetune(model: str | os.PathLike | None = None, data: str | os.PathLike = "
     else:
         quantized = any(t.raw is not None for t in ckpt.tensors.values())
         net = build_model(ckpt, quant=None if method == "lora" else ("auto" if quantized else "int4"))
+        if method == "lora":
+            bf16 = _rank_world()[1] == 1 and loop.resolve_precision(precision, torch.device("cpu")) == "bf16"
+            _fuse_frozen_linears(net, torch.bfloat16 if bf16 else None)  # one process: FSDP2 wants one dtype a block
         from .lora import apply_lora
 
         try:
@@ -144,8 +150,6 @@ def finetune(model: str | os.PathLike | None = None, data: str | os.PathLike = "
     trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
 
     r, world = _rank_world()
-    if method == "lora" and world == 1 and loop.resolve_precision(precision, torch.device("cpu")) == "bf16":
-        _frozen_linears_to_bf16(net)
     batch_opts = dict(seq_len=seq_len, batch_size=batch_size, batch_tokens=batch_tokens if batch_size is None else None,
                       pack=pack)
     if batch_size is None and batch_tokens is None:
@@ -160,7 +164,7 @@ def finetune(model: str | os.PathLike | None = None, data: str | os.PathLike = "
                            warmup_steps=warmup_steps or 0, warmup_ratio=0.0 if warmup_steps is not None else 0.1,
                            weight_decay=weight_decay, grad_accum=grad_accum, max_grad_norm=max_grad_norm,
                            eval_every=eval_every or 0, save_every=save_every or 0, seed=seed, precision=precision,
-                           activation_checkpointing=activation_checkpointing)
+                           activation_checkpointing=activation_checkpointing, compile=compile)
     if eval_every is None and val_batches is not None:  # validation five times a run by default
         cfg.eval_every = max(1, loop.total_steps(cfg, batches) // 5)
 
@@ -192,19 +196,33 @@ def finetune(model: str | os.PathLike | None = None, data: str | os.PathLike = "
                           trainable_parameters=sum(p.numel() for p in trainable.values()), data=asdict(report))
 
 
-def _frozen_linears_to_bf16(net: torch.nn.Module) -> None:
-    """Store the frozen float weights of the LoRA-wrapped linears in bfloat16.
+def _fuse_frozen_linears(net: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Lay out LoRA's frozen float base as the fast path does: Q/K/V and gate/up of every block as one linear each
+    (wqkv, w13; lora.py gives a fused layer one adapter segment per projection), optionally stored in `dtype`.
 
-    Under bf16 autocast every forward casts each float32 weight to bfloat16 (and keeps the copy for the backward);
-    casting once here gives the same values, so the arithmetic is unchanged, but the step skips 0.1 G parameter
-    casts and the weights take half the memory. The tied embedding/output matrix and the norms stay float32 (the
-    residual stream stays float32, as with plain autocast). One process only: FSDP2 shards blocks whose
-    parameters share one dtype.
+    A product with the concatenated weight computes the same sums as the separate ones (up to the order of the
+    additions), in fewer and larger matrix products, and LoRA's A's of a fused layer become one product too.
+    dtype bfloat16 (training under bf16 autocast): autocast would cast each float32 weight to the same bfloat16
+    values on every forward; storing them so skips 0.1 G parameter casts a step and halves their memory. The
+    tied embedding/output matrix and the norms stay as they are (the residual stream stays float32, as with plain
+    autocast). Blocks with routed experts (Llama 4) keep their feed-forward as it is.
     """
-    from .lora import LoRALinear
+    from torch import nn
 
-    for m in net.modules():
-        if isinstance(m, LoRALinear) and isinstance(m.base, torch.nn.Linear) and m.base.weight.dtype == torch.float32:
-            m.base.weight.data = m.base.weight.data.to(torch.bfloat16)
-            if m.base.bias is not None:
-                m.base.bias.data = m.base.bias.data.to(torch.bfloat16)
+    from ..model import FeedForward
+
+    def one(parts: list[nn.Linear]) -> nn.Linear:
+        weight = torch.cat([p.weight.detach().to(dtype or p.weight.dtype) for p in parts])
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+        return layer
+
+    for block in net.layers:
+        attn, ffn = block.attention, block.feed_forward
+        if attn.wqkv is None and isinstance(attn.wq, nn.Linear) and attn.wq.bias is None:
+            attn.wqkv, attn.wq, attn.wk, attn.wv = one([attn.wq, attn.wk, attn.wv]), None, None, None
+        if isinstance(ffn, FeedForward) and ffn.w13 is None and isinstance(ffn.w1, nn.Linear) and ffn.w1.bias is None:
+            ffn.w13, ffn.w1, ffn.w3 = one([ffn.w1, ffn.w3]), None, None
+        for m in (attn.wo, getattr(ffn, "w2", None)):
+            if dtype is not None and isinstance(m, nn.Linear):
+                m.weight.data = m.weight.data.to(dtype)

@@ -82,18 +82,20 @@ class LoRALinear(nn.Module):
 
     def delta(self, x: torch.Tensor, w: LoRAWeights) -> torch.Tensor:
         """scale * B(A(dropout(x))) over all segments [..., out] (zeros in segments this adapter leaves alone)."""
-        a = torch.cat(list(w.A)) if len(w.A) > 1 else w.A[0]  # [sum r, in]: one product for every segment
+        if len(w.A) == 1 and len(self.sizes) == 1:
+            return (w.scale * ((w.dropout(x).to(w.A[0].dtype) @ w.A[0].t()) @ w.B[0].t())).to(x.dtype)
+        # a fused layer: one product with every segment's A, one with the B's as a block-diagonal [out, sum r]
+        # (zero rows for segments this adapter leaves alone), so two small products instead of one per segment
+        a = torch.cat(list(w.A))  # [sum r, in]
         h = w.dropout(x).to(a.dtype) @ a.t()  # [..., sum r]
-        hs = h.split([t.shape[0] for t in w.A], dim=-1)
-        parts, j = [], 0
+        blocks, j = [], 0
         for i, size in enumerate(self.sizes):
             if j < len(w.segments) and w.segments[j] == i:
-                parts.append(hs[j] @ w.B[j].t())
+                blocks.append(w.B[j])
                 j += 1
             else:
-                parts.append(h.new_zeros(*h.shape[:-1], size))
-        out = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-        return (w.scale * out).to(x.dtype)
+                blocks.append(a.new_zeros(size, 0))
+        return (w.scale * (h @ torch.block_diag(*blocks).t())).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
