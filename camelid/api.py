@@ -283,7 +283,7 @@ def load(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype | Non
     from .threads import in_own_thread
 
     def build():
-        model = build_model(ckpt, dtype=dtype, device=device, quant=quant)
+        model = build_model(ckpt, dtype=dtype, device=device, quant=quant, reuse=True)
         if adapter_data is not None:
             from .train.lora import load_adapter
 

@@ -4,7 +4,8 @@ llama-bench style: random prompt tokens, medians over repeats. Every engine runs
 peak RSS is its own), on the same file with the same threads: camelid, and with --vs the peers that are
 installed (llama.cpp through llama-cpp-python, Hugging Face transformers dequantizing the GGUF to float32).
 Time to first token is taken from the outside: from starting a command to reading its first token on stdout,
-with `camelid run` itself for camelid.
+with `camelid run` itself for camelid. camelid loads as `camelid run` does, mapping the converted model that an
+earlier load kept in the store (camelid/converted.py; the first load of a file converts, about half a second more).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _worker_camelid(path: str, threads: int, pp: int, tg: int, repeats: int, qua
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     ckpt = read(path)
-    model = build_model(ckpt, quant=quant)
+    model = build_model(ckpt, quant=quant, reuse=True)  # as `camelid run` loads: the converted model once kept
     load_s = time.perf_counter() - t0
     attach(model, path, quant, wait=True)  # the compiled decode step when `camelid compile` built one
     step = step_for(model) or (lambda tok, pos, cache: model(tok, pos, cache)[:, -1])

@@ -53,15 +53,32 @@ def _load(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def build_model(ckpt: Checkpoint, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                quant: str | None = None) -> Transformer:
+                quant: str | None = None, reuse: bool = False) -> Transformer:
     """The model with the checkpoint's weights on `device`, in eval mode (see the module doc for `quant`).
 
     dtype: the float type of weights and activations (default float32; the quantized layers compute in bfloat16
     inside and return this type).
+    reuse: on the fast path, map the converted model kept in the store from an earlier load of the same GGUF file
+    instead of converting again, and keep this one there (camelid/converted.py).
     """
     if quant is not None and quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {', '.join(QUANT_MODES)} or None, got {quant!r}")
     dtype = dtype or torch.float32
+    kept = None
+    if reuse and ckpt.path is not None:
+        from . import converted
+
+        kept = converted.converted_path(ckpt.path, quant, dtype, device)
+        model = converted.load(kept) if kept is not None else None
+        if model is not None:
+            return model
+    model = _build(ckpt, dtype, device, quant)
+    if kept is not None:
+        converted.save(model, kept)
+    return model
+
+
+def _build(ckpt: Checkpoint, dtype: torch.dtype, device: str | torch.device, quant: str | None) -> Transformer:
     cfg = ckpt.config
     with torch.device("meta"):
         model = Transformer(cfg)

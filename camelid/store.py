@@ -205,11 +205,28 @@ def list_models() -> list[dict]:
 
 
 def remove(name: str) -> Path:
+    """Delete a model from the store, with what loads derived from its files there: the converted models
+    (camelid/converted.py) and the compiled decode steps that this torch and CPU would use (camelid/compiled.py)."""
     folder = models_dir() / name
     if not (folder / "manifest.json").exists():
         raise ModelNotFoundError(f"model {name!r} is not in the store ({models_dir()})")
+    for file in folder.rglob("*.gguf"):
+        _forget_derived(file)
     shutil.rmtree(folder)
     return folder
+
+
+def _forget_derived(file: Path) -> None:
+    from .compiled import package_path
+    from .converted import entry_dir
+    from .loader import QUANT_MODES
+
+    shutil.rmtree(entry_dir(file), ignore_errors=True)
+    for quant in QUANT_MODES:
+        try:
+            package_path(file, quant).unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 GENERAL_SAMPLING = {"temperature": 0.6, "top_p": 0.9}  # Meta's reference defaults for Llama chat

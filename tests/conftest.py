@@ -22,6 +22,9 @@ FIXTURES = REPO.parent / "shared" / "fixtures" / "smollm2-135m-instruct-q4_1.jso
 # and the same test would then check a different path on a machine that has one. Tests of the compiled step bind
 # their own packages; subprocesses inherit this.
 os.environ["CAMELID_COMPILED"] = "0"
+# Nor the converted models that loads keep in the store (camelid/converted.py): every tiny model a test writes would
+# leave one there. tests/test_converted.py turns the cache on in a store of its own.
+os.environ["CAMELID_CONVERTED"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,32 @@ def test_pull_list_rm_by_url(isolated_home, model_file):
         store.remove("tiny-model")
 
 
+def test_rm_takes_the_converted_model_and_compiled_step_along(isolated_home, tmp_path, monkeypatch):
+    """camelid rm deletes what loads derived from the model's files (camelid/converted.py, camelid/compiled.py),
+    and nothing of another model."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf_factory import Spec, byte_level_vocab, write_gguf
+
+    from camelid import compiled, converted
+    from camelid.formats import read
+    from camelid.loader import build_model
+
+    monkeypatch.setenv("CAMELID_CONVERTED", "1")
+    paths, packages = [], []
+    for name in ("one", "two"):
+        src = tmp_path / f"{name}.gguf"
+        write_gguf(src, Spec(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=128), byte_level_vocab(), Q.Q4_0)
+        paths.append(store.pull(src.as_uri()))
+        build_model(read(paths[-1]), quant="auto", reuse=True)
+        packages.append(compiled.package_path(paths[-1], "auto"))
+        packages[-1].parent.mkdir(parents=True, exist_ok=True)
+        packages[-1].write_bytes(b"stand-in package")
+    assert all(list(converted.entry_dir(p).glob("*.pt")) for p in paths)
+    store.remove("one")
+    assert not converted.entry_dir(paths[0]).exists() and not packages[0].exists()
+    assert list(converted.entry_dir(paths[1]).glob("*.pt")) and packages[1].exists()
+
+
 def test_checksum_mismatch_is_refused_and_leaves_nothing(isolated_home, model_file, monkeypatch):
     bad = store.Source(kind="url", filename="x.gguf", url=model_file.as_uri(), sha256="0" * 64)
     monkeypatch.setitem(store.REGISTRY, "bad-model", bad)

@@ -151,7 +151,7 @@ def build_state(model: str | None = None, api_key: str | None = None, max_concur
     from ..formats.peft import read_adapter
 
     loaded = {name: read_adapter(folder) for name, folder in (adapters or {}).items()}  # before the slow load
-    net = build_model(ckpt, quant=quant)
+    net = build_model(ckpt, quant=quant, reuse=True)
     if loaded:
         from ..train.lora import load_adapter
 
@@ -190,7 +190,7 @@ def load_draft(spec: str, quant: str | None, models: dict[str, str] | None = Non
 
     source = (models or {}).get(spec, spec)
     try:
-        return "draft", (spec, build_model(read(resolve(source)), quant=quant))
+        return "draft", (spec, build_model(read(resolve(source)), quant=quant, reuse=True))
     except CamelidError as e:
         raise CamelidError(f"--speculate {spec}: {e}") from None
 
