@@ -82,13 +82,19 @@ def load(path: Path):
 
 def save(model, path: Path) -> None:
     """Save the converted model at `path` (whole or not at all) and drop the older entries it replaces. A full disk
-    or a read-only store only costs the next load its conversion."""
+    or a read-only store only costs the next load its conversion. A model with routed experts on the fast path
+    (Llama 4) is not kept: its experts are built from the file's own memory map as tokens reach them
+    (camelid/quant_experts.py), so there is nothing converted to keep, and they do not pickle."""
+    from .quant_experts import QuantExperts
+
+    if any(isinstance(m, QuantExperts) for m in model.modules()):
+        return
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model, tmp)
         os.replace(tmp, path)
-    except OSError:
+    except Exception:  # OSError (full disk, read-only store), or a module that does not pickle: convert next time
         tmp.unlink(missing_ok=True)
         return
     kind = path.name.rsplit("-", 1)[0]

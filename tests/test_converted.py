@@ -97,3 +97,34 @@ def test_camelid_load_uses_it(store):
     a = camelid.load(path).generate("hello", max_tokens=8, sampling=greedy)
     b = camelid.load(path).generate("hello", max_tokens=8, sampling=greedy)
     assert conversions == ["auto"] and a == b
+
+
+def test_a_llama4_model_with_lazily_built_experts_loads_and_keeps_nothing(store, tmp_path):
+    """Llama 4's routed experts are built from the file's memory map as tokens reach them: nothing to keep (and
+    they would not pickle); the load works as without the cache."""
+    pytest.importorskip("transformers")
+    import llama4_factory as F
+
+    from camelid.formats.gguf_write import write_gguf as write_camelid_gguf
+
+    write_camelid_gguf(read(F.save(F.causal_lm(), tmp_path / "hf")), tmp_path / "l4.gguf", "q8_0")
+    model = build_model(read(tmp_path / "l4.gguf"), quant="auto", reuse=True)
+    assert type(model.layers[0].feed_forward.experts).__name__ == "QuantExperts"
+    assert not _entries(tmp_path / "l4.gguf")
+    assert torch.equal(_logits_l4(model), _logits_l4(build_model(read(tmp_path / "l4.gguf"), quant="auto")))
+
+
+def _logits_l4(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([[1, 5, 9, 30, 2]]))
+
+
+def test_a_model_that_does_not_pickle_is_simply_not_kept(store, monkeypatch):
+    path, conversions = store
+
+    def refuse(*a, **k):
+        raise TypeError("cannot pickle 'function' object")
+
+    monkeypatch.setattr(torch, "save", refuse)
+    model = build_model(read(path), quant="auto", reuse=True)
+    assert model is not None and not _entries(path) and not list(converted.entry_dir(path).glob("*.tmp*"))
