@@ -27,6 +27,9 @@ import warnings
 import weakref
 from pathlib import Path
 
+from .cpu import cpu_features  # part of the package key
+from .errors import first_line
+
 STEP_VERSION = 2  # bump when the step's inputs or the model's decode graph change
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> CompiledStep
 
@@ -66,16 +69,6 @@ def decode_step(model):
             return self.model(tokens, positions, _StepCache(list(k), list(v), mask))[:, -1]
 
     return DecodeStep().eval()
-
-
-def cpu_features() -> str:
-    """The CPU's instruction-set flags that matter to generated code (part of the package key)."""
-    import platform
-
-    from .cpu import cpu_flags
-
-    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
-    return platform.machine() + ":" + ",".join(w for w in wanted if w in cpu_flags())
 
 
 def package_path(model_path: str | os.PathLike, quant: str | None, dtype: str = "torch.float32") -> Path:
@@ -268,7 +261,6 @@ def command(args) -> None:
     try:
         build(model, out)
     except Exception as e:  # export or the C++ compiler refused: one line, the eager path still serves
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CamelidError(f"could not compile the decode step ({type(e).__name__}: {first}); decoding stays eager") from None
+        raise CamelidError(f"could not compile the decode step ({type(e).__name__}: {first_line(e)}); decoding stays eager") from None
     print(f"camelid: built in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     print(out)

@@ -54,7 +54,7 @@ def converted_path(model_path: Path, quant: str | None, dtype: torch.dtype, devi
     """Where this model file's converted model for these settings lives, or None where there is no cache: the
     reference path (nothing is converted), a device other than the CPU, a folder rather than a GGUF file,
     CAMELID_CONVERTED=0."""
-    from .compiled import cpu_features
+    from .cpu import cpu_features
 
     p = Path(model_path)
     if (quant is None or torch.device(device).type != "cpu" or p.suffix.lower() != ".gguf" or not p.is_file()

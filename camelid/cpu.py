@@ -30,6 +30,15 @@ def cpu_has_native_bf16() -> bool:
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+def cpu_features() -> str:
+    """The CPU's instruction-set flags that matter to generated code and packed weights (part of the keys of what
+    the store keeps per machine: the compiled decode step, the converted model)."""
+    import platform
+
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+    return platform.machine() + ":" + ",".join(w for w in wanted if w in cpu_flags())
+
+
 def cpu_model() -> str:
     """The CPU's model name, to print next to every figure (platform's guess where /proc/cpuinfo has none)."""
     import platform

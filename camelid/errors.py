@@ -1,6 +1,12 @@
 """Exception types of the public API. Each message is one line a user can act on."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): for one-line errors that
+    quote what a library raised."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 class CamelidError(Exception):
     """Base of every error camelid raises on purpose."""
 

@@ -103,7 +103,8 @@ def finetune(model: str | os.PathLike | None = None, data: str | os.PathLike = "
     data_path = Path(data)
     if not data_path.is_file():
         raise CamelidError(f"no such data file: {data_path}")
-    rank0 = _rank_world()[0] == 0  # under torchrun only rank 0 writes, so only it judges the folder
+    r, world = _rank_world()
+    rank0 = r == 0  # under torchrun only rank 0 writes, so only it judges the folder
     has_checkpoint = (out / "checkpoint").exists()
     if resume and not has_checkpoint:
         raise CamelidError(f"--resume: no checkpoint in {out} to continue from")
@@ -138,7 +139,7 @@ def finetune(model: str | os.PathLike | None = None, data: str | os.PathLike = "
         quantized = any(t.raw is not None for t in ckpt.tensors.values())
         net = build_model(ckpt, quant=None if method == "lora" else ("auto" if quantized else "int4"))
         if method == "lora":
-            bf16 = _rank_world()[1] == 1 and loop.resolve_precision(precision, torch.device("cpu")) == "bf16"
+            bf16 = world == 1 and loop.resolve_precision(precision, torch.device("cpu")) == "bf16"
             _fuse_frozen_linears(net, torch.bfloat16 if bf16 else None)  # one process: FSDP2 wants one dtype a block
         from .lora import apply_lora
 
@@ -149,7 +150,6 @@ def finetune(model: str | os.PathLike | None = None, data: str | os.PathLike = "
     net.train()
     trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
 
-    r, world = _rank_world()
     batch_opts = dict(seq_len=seq_len, batch_size=batch_size, batch_tokens=batch_tokens if batch_size is None else None,
                       pack=pack)
     if batch_size is None and batch_tokens is None:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cpu import cpu_has_native_bf16  # precision auto (also imported from here by tests and bench)
-from ..errors import CamelidError
+from ..errors import CamelidError, first_line
 from ..progress import Progress
 from . import checkpoint
 from .distributed import DistContext, all_reduce_sum, gather_objects, setup, shard
@@ -229,16 +229,12 @@ def compile_blocks(model: nn.Module) -> None:
         try:
             cpp_builder.get_cpp_compiler()
         except Exception as e:  # no g++/clang++ on the PATH (or CXX names none)
-            raise TrainError(f"--compile needs a C++ compiler for torch.compile on the CPU ({_first_line(e)}): "
+            raise TrainError(f"--compile needs a C++ compiler for torch.compile on the CPU ({first_line(e)}): "
                              "install g++ or run without --compile") from None
     for block in model.layers:
         if not getattr(block, "_camelid_compiled", False):
             block.compile()
             block._camelid_compiled = True
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -348,9 +344,8 @@ def _forward_loss(model: nn.Module, batch, device: torch.device, precision: str,
         out = model(batch.tokens.to(device, non_blocking=True), positions=batch.positions.to(device, non_blocking=True),
                     logits_at=None if every else wanted, hidden=head is not None, **kw)
         # hidden states [B,T,D] / logits [B,T,V] at every position, or [N,D] / [N,V] at the wanted ones
-        if head is not None:
-            return linear_cross_entropy(out.flatten(0, -2), head, picked,
-                                        torch.bfloat16 if precision == "bf16" else head.dtype)
+        if head is not None:  # the products in autocast's type (bf16 here), else the weight's
+            return linear_cross_entropy(out.flatten(0, -2), head, picked)
     return F.cross_entropy(out.float().flatten(0, -2), picked, reduction="sum")
 
 
