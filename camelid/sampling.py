@@ -95,6 +95,25 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def draw(weights: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """One index drawn with probability proportional to `weights` [V] (non-negative, not all zero).
+
+    By the inverse of the cumulative distribution: one uniform number against a float64 running sum. Exactly the
+    distribution torch.multinomial(weights, 1) draws from, at a twentieth of its time on a 49,152-token vocabulary
+    (0.05 against 1.06 ms on 2 cores: multinomial makes one exponential variate per token), which was a tenth of a
+    sampled decode step. An index of weight 0 is never drawn: the first running sum above u * total belongs to an
+    index that added something."""
+    running = weights.double().cumsum(0)
+    total = float(running[-1])
+    if not total > 0:
+        raise SamplingError("cannot sample: every token has probability 0")
+    u = float(torch.rand((), dtype=torch.float64, generator=generator))
+    i = int(torch.searchsorted(running, torch.tensor([u * total], dtype=torch.float64), right=True))
+    if i >= running.shape[0]:  # u * total rounded up to the total: the last index that has weight
+        i = int(torch.nonzero(weights).max())
+    return i
+
+
 def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None,
            seen: torch.Tensor | None = None, generated: torch.Tensor | None = None) -> int:
     """The next token id from one row of logits [V]."""
@@ -105,7 +124,7 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
     if p.greedy:
         return int(torch.argmax(logits))
     probs = filter_logits(logits, p).softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return draw(probs, generator)
 
 
 def probabilities(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None = None,

@@ -29,7 +29,7 @@ from .cache import KVCache
 from .compiled import step_for
 from .errors import CamelidError, SamplingError
 from .generate import Request, check_fits, prefill
-from .sampling import SamplingParams, probabilities, sample
+from .sampling import SamplingParams, draw, probabilities, sample
 
 DRAFT_TOKENS = 6  # tokens proposed per step at most
 
@@ -124,7 +124,7 @@ class ModelDrafter:
                 tok = int(logits.argmax())
             else:
                 q = probabilities(logits, params)
-                tok = int(torch.multinomial(q, 1, generator=generator))
+                tok = draw(q, generator)
                 dists.append(q)
             drafts.append(tok)
             if j < k - 1:
@@ -158,8 +158,8 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor | None, d: int, generato
     rest = (p - q).clamp(min=0) if q is not None else p.clone().index_fill_(0, torch.tensor([d]), 0.0)
     total = float(rest.sum())
     if total <= 0:  # p == q up to rounding: any draw from p is right
-        return int(torch.multinomial(p, 1, generator=generator)), False
-    return int(torch.multinomial(rest / total, 1, generator=generator)), False
+        return draw(p, generator), False
+    return draw(rest, generator), False
 
 
 @torch.inference_mode()

@@ -73,3 +73,31 @@ def test_seed_reproduces_and_sampling_follows_distribution():
 def test_invalid_values_raise(bad):
     with pytest.raises(SamplingError):
         SamplingParams(**bad)
+
+
+def test_draw_follows_the_weights_and_never_takes_a_zero():
+    """draw() against the distribution itself: frequencies over many draws within a few standard errors of the
+    weights (normalised or not), zero-weight tokens never drawn, wherever they sit (first, last, between)."""
+    from camelid.sampling import draw
+
+    weights = torch.tensor([0.0, 3.0, 0.0, 1.0, 0.5, 0.0, 2.5, 1e-4, 0.0])
+    gen = torch.Generator().manual_seed(7)
+    n = 40_000
+    counts = torch.bincount(torch.tensor([draw(weights, gen) for _ in range(n)]), minlength=len(weights))
+    p = weights / weights.sum()
+    assert counts[p == 0].sum() == 0
+    stderr = (p * (1 - p) / n).sqrt()
+    assert ((counts / n - p).abs() <= 5 * stderr + 1e-9).all(), (counts / n, p)
+    assert draw(torch.tensor([0.0, 0.0, 2.0]), gen) == 2 and draw(torch.tensor([5.0, 0.0, 0.0]), gen) == 0
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert [draw(weights, a) for _ in range(50)] == [draw(weights, b) for _ in range(50)]  # the seed reproduces
+    with pytest.raises(SamplingError):
+        draw(torch.zeros(4), gen)
+
+
+def test_draw_at_the_top_of_the_range_takes_the_last_token_with_weight(monkeypatch):
+    """u * total rounding up to the total (u just below 1) still lands on a token that has weight."""
+    from camelid import sampling
+
+    monkeypatch.setattr(sampling.torch, "rand", lambda *a, **k: torch.tensor(1.0, dtype=torch.float64))
+    assert sampling.draw(torch.tensor([0.2, 0.7, 0.1, 0.0, 0.0])) == 2

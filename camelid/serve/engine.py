@@ -41,7 +41,7 @@ import torch
 from ..cache import KVCache
 from ..compiled import step_for
 from ..prompt_cache import BIG_CHUNK, SMALL_CHUNK, BlockStore, PromptCache
-from ..sampling import GREEDY, SamplingParams, apply_logit_bias, apply_penalties, filter_logits, probabilities, sample
+from ..sampling import GREEDY, SamplingParams, apply_logit_bias, apply_penalties, draw, filter_logits, probabilities, sample
 from ..speculate import DRAFT_TOKENS, DraftLength, ModelDrafter, NgramDrafter, accept_or_resample
 from ..tokenizer import Tokenizer
 from .constrained import JsonConstraint
@@ -496,7 +496,7 @@ class Engine:
             for _ in range(32):
                 if float(probs.sum()) <= 0:
                     break
-                tok = int(torch.multinomial(probs, 1, generator=s.generator))
+                tok = draw(probs, s.generator)
                 if self._allowed(s, tok):
                     return tok
                 probs[tok] = 0.0
