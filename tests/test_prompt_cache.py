@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from conftest import Collector
@@ -227,3 +229,36 @@ def test_two_conversations_interleaved_under_a_small_budget_answer_as_alone(fast
     assert got == want
     assert store.evictions > 0 and any(cached[2:])  # the budget bit, and later turns still reused something
     assert seen and max(seen) <= store.capacity
+
+
+def test_a_reply_is_filled_back_in_only_once_the_engine_has_been_idle(fast, monkeypatch):
+    """A finished reply's chunks are computed back into the cache only after FILL_DELAY of idleness, so a client
+    that sends its next request at once never waits behind a fill; once idle long enough, the fill runs and the next
+    turn reuses the reply."""
+    from camelid.serve import engine as engine_mod
+
+    tok = fast.tokenizer
+    prompt = questions(tok, 1)[0]
+    monkeypatch.setattr(engine_mod, "FILL_DELAY", 3600.0)
+    store = BlockStore(256 << 20)
+    on = Engine(fast.model, tok, max_concurrency=2, max_seq_len=512, prefill_chunk=64,
+                prompt_cache=PromptCache(store, "default", 64, 16))
+    on.start()
+    try:
+        (reply,), _ = run(on, [prompt], 40, frozenset())  # no stop token: 40 tokens, whole chunks past the prompt
+        before = len(store)
+        for _ in range(20):  # the engine thread is idle now, with the reply's fill pending, and does not start it
+            assert on._fills and not any(on.rows)
+            time.sleep(0.01)
+        assert len(store) == before
+        monkeypatch.setattr(engine_mod, "FILL_DELAY", 0.0)
+        with on.cond:
+            on.cond.notify_all()
+        deadline = time.time() + 120
+        while (on._fills or any(on.rows)) and time.time() < deadline:
+            time.sleep(0.05)
+        assert len(store) > before  # the reply's whole chunks are kept
+        (_,), (hit,) = run(on, [prompt + reply + tok.encode(" And then?")], 4, tok.stop_ids)
+        assert hit >= (len(prompt) + len(reply)) // 16 * 16 - 16
+    finally:
+        on.stop()

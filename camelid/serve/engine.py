@@ -20,8 +20,8 @@ greedy request gives the same tokens alone or beside others, with the prompt cac
 
 The prompt cache: a row's first prefill step copies in the longest cached chain of its prompt's chunks;
 every whole chunk it computes is kept. When a request ends, its reply's whole chunks are computed and kept
-too while the engine is idle (a "fill", preempted by any new request), so the next turn of a conversation
-prefills only its new tokens and the tail of the last chunk.
+too once the engine has been idle for FILL_DELAY (a "fill", preempted by any new request), so the next turn of
+a conversation prefills only its new tokens and the tail of the last chunk.
 
 Results go out through each sequence's `emit` callback (called on the engine thread): Token events,
 then exactly one Finish.
@@ -30,6 +30,7 @@ then exactly one Finish.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -45,6 +46,9 @@ from ..sampling import GREEDY, SamplingParams, apply_logit_bias, apply_penalties
 from ..speculate import DRAFT_TOKENS, DraftLength, ModelDrafter, NgramDrafter, accept_or_resample
 from ..tokenizer import Tokenizer
 from .constrained import JsonConstraint
+
+FILL_DELAY = 0.1  # seconds idle before a finished reply is filled back in: a client sending its next request at once
+# (a script, a benchmark) never waits on a fill's chunk, while a person's next turn comes seconds later
 
 
 class QueueFullError(Exception):
@@ -114,6 +118,7 @@ class Engine:
         # off (a store of 0 bytes) still prefills by the same schedule: the cache never changes the numbers
         self.prompt_cache = prompt_cache or PromptCache(BlockStore(0), "", prefill_chunk, min(SMALL_CHUNK, prefill_chunk))
         self._fills: deque[tuple[list[int], str | None, str | None]] = deque(maxlen=max_concurrency)
+        self._finished_at = 0.0  # time.monotonic() of the last row's end: fills wait for FILL_DELAY of idleness
         self.device = model.device
         self.cache = KVCache.for_model(model, max_concurrency, self.max_seq_len)
         # per layer (slots, bytes per position of one row): the running rows' KV counts against --cache-mb
@@ -203,10 +208,11 @@ class Engine:
             with self.cond:
                 self._admit()
                 while self.running and not any(self.rows) and not self.waiting and not self.jobs:
-                    if self._fills:  # idle: keep the last replies' chunks for their next turn
+                    idle = time.monotonic() - self._finished_at
+                    if self._fills and idle >= FILL_DELAY:  # idle: keep the last replies' chunks for their next turn
                         self._start_fill()
                         break
-                    self.cond.wait()
+                    self.cond.wait(FILL_DELAY - idle if self._fills else None)
                     self._admit()
                 if not self.running:
                     break
@@ -270,6 +276,7 @@ class Engine:
     def _finish(self, b: int, event: Finish) -> None:
         s = self.rows[b]
         self.rows[b] = None
+        self._finished_at = time.monotonic()
         if s is not None:
             s.slot, s.drafter = -1, None  # the draft's KV cache goes with the row
             if event.reason in ("stop", "length") and not s.background and self.prompt_cache.enabled:
