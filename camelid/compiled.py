@@ -7,9 +7,9 @@ filled prefix all dynamic) and compiles it to a `.pt2` package in the model stor
                                          the quant mode, the activation type and STEP_VERSION
 
 The package holds the generated code and the few constants Inductor made itself, not the weights: at load the
-model's own tensors are bound to it (user-managed constants), so the step reads the same tensors as
-the eager model, and the package is a few MB that load in milliseconds (through AOTInductor's C interface, without
-importing torch._inductor, which takes a second of the GIL on 2 cores). A step releases the GIL while it computes.
+model's own tensors are bound to it (`load_constants(..., user_managed=True)`), so the step reads the same tensors as
+the eager model, and the package is a few MB that load in milliseconds (the C++ loader directly, without importing
+torch._inductor, which takes a second of the GIL on 2 cores).
 Prefill, adapters and the reference path stay eager; `attach(model, path)` finds a package built for this
 model and machine and, when there is one, `step_for(model)` gives generate and the server's engine the
 compiled step (eager serves when there is none: compilation never slows a `camelid run`).
@@ -149,91 +149,6 @@ def _strip_weights(src: Path, dst: Path, own: dict) -> None:
                 zout.writestr(info, zin.read(info.filename))
 
 
-class _Container:
-    """The package's model, run through AOTInductor's C interface (aoti_runtime/interface.h) with ctypes.
-
-    torch's own binding (`AOTIModelPackageLoader.run`) holds the GIL for the whole step (pytorch#197516), so a
-    server's event loop could not stream a token or read a request during the 7-8 ms of a step. A ctypes call
-    releases the GIL, as aten's eager kernels do. The C interface is the one AOTInductor keeps stable across
-    builds (the `...Pairs` calls pass no C++ containers); tensors cross it as the `AtenTensorHandle`s that
-    torch._C._aoti makes and takes back."""
-
-    def __init__(self, archive, constants: dict) -> None:
-        import ctypes
-        import tempfile
-
-        import torch
-
-        self.ctypes, self.aoti = ctypes, torch._C._aoti
-        model_dir = next(n for n in archive.namelist() if n.endswith(".wrapper.so")).rsplit("/", 1)[0] + "/"
-        extern = [n for n in archive.namelist() if n.startswith(model_dir) and n.endswith(".json")
-                  and not n.endswith(("_metadata.json", "weights_config.json"))]
-        if extern:  # ops that run through torch's proxy executor, which only the loader provides
-            raise NotImplementedError("the package calls operators through the proxy executor")
-        so = next(n for n in archive.namelist() if n.endswith(".wrapper.so"))
-        with tempfile.NamedTemporaryFile(suffix=".so") as f:  # dlopen keeps the mapping once the file is gone
-            f.write(archive.read(so))
-            f.flush()
-            self.lib = ctypes.CDLL(f.name)
-        get, new = ctypes.pythonapi.PyCapsule_GetPointer, ctypes.pythonapi.PyCapsule_New
-        get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
-        new.restype, new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
-        self._pointer, self._capsule = get, new
-        self.handle = ctypes.c_void_p()
-        self._check(self.lib.AOTInductorModelContainerCreateWithDevice(ctypes.byref(self.handle), ctypes.c_size_t(1), b"cpu", None))
-        count = ctypes.c_size_t()
-        self._check(self.lib.AOTInductorModelContainerGetNumInputs(self.handle, ctypes.byref(count)))
-        self.num_inputs = count.value
-        self._check(self.lib.AOTInductorModelContainerGetNumConstants(self.handle, ctypes.byref(count)))
-        names, self.fqns, tensors = [], [], []
-        for i in range(count.value):
-            name, fqn = ctypes.c_char_p(), ctypes.c_char_p()
-            self._check(self.lib.AOTInductorModelContainerGetConstantName(self.handle, ctypes.c_size_t(i), ctypes.byref(name)))
-            self._check(self.lib.AOTInductorModelContainerGetConstantOriginalFQN(self.handle, ctypes.c_size_t(i), ctypes.byref(fqn)))
-            names.append(name.value)
-            self.fqns.append(fqn.value.decode())
-            tensors.append(constants[self.fqns[-1]])
-
-        class Entry(ctypes.Structure):
-            _fields_ = [("name", ctypes.c_char_p), ("handle", ctypes.c_void_p)]
-
-        # user-managed constants: the container reads the model's own tensors, and these handles stay ours
-        self.tensors, self.constant_handles = tensors, self._handles(tensors)
-        pairs = (Entry * len(names))(*[Entry(n, h) for n, h in zip(names, self.constant_handles, strict=True)])
-        self._check(self.lib.AOTInductorModelContainerUpdateUserManagedConstantBufferPairs(
-            self.handle, pairs, ctypes.c_size_t(len(names)), ctypes.c_bool(False), ctypes.c_bool(True)))
-        run = self.lib.AOTInductorModelContainerRun
-        run.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t,
-                        ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p]
-        self._run = run
-
-    def _handles(self, tensors: list) -> list[int]:
-        """New AtenTensorHandles (heap at::Tensor's sharing the tensors' memory) as addresses."""
-        return [self._pointer(c, None) for c in self.aoti.unsafe_alloc_void_ptrs_from_tensors(tensors)]
-
-    def _check(self, status: int) -> None:
-        if status:
-            message = self.ctypes.c_char_p()
-            self.lib.AOTInductorGetLastError(self.ctypes.byref(message))
-            raise RuntimeError(f"AOTInductor: {(message.value or b'failed').decode(errors='replace')}")
-
-    def run(self, inputs: list) -> list:
-        """The outputs of one run (the GIL released while it computes). The input handles are the container's
-        to free; the output handles become tensors."""
-        ctypes = self.ctypes
-        handles = self._handles(inputs)
-        outputs = (ctypes.c_void_p * 1)()
-        self._check(self._run(self.handle, (ctypes.c_void_p * len(handles))(*handles), len(handles), outputs, 1, None, None))
-        return self.aoti.alloc_tensors_by_stealing_from_void_ptrs([self._capsule(outputs[0], None, None)])
-
-    def __del__(self) -> None:
-        handle = getattr(self, "handle", None)
-        if handle is not None and handle.value:
-            self.lib.AOTInductorModelContainerDelete(handle)
-            # the constants' handles back into tensors that free them (the model's memory is not touched)
-            self.aoti.alloc_tensors_by_stealing_from_void_ptrs([self._capsule(h, None, None) for h in self.constant_handles])
-
-
 class CompiledStep:
     """A loaded package bound to the model whose tensors it uses."""
 
@@ -242,38 +157,32 @@ class CompiledStep:
         import zipfile
 
         import torch
+        from torch.utils import _pytree as pytree
 
+        self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
         own = model_tensors(model)
-        n = 3 + 2 * model.config.n_layers
+        constants = {}
         with zipfile.ZipFile(path) as archive:
             folder, config = _weights_config(archive)
-            constants = {}
-            for fqn, (file, shape, stride, offset) in config.items():
+            for fqn in self.loader.get_constant_fqns():
                 if fqn in own:
                     constants[fqn] = own[fqn]
                 else:  # a constant Inductor made itself (a few scalars)
+                    file, shape, stride, offset = config[fqn]
                     t = torch.load(io.BytesIO(archive.read(folder + file)), weights_only=True)
                     constants[fqn] = t.as_strided(shape, stride, offset)
-            try:
-                self.container = _Container(archive, constants)
-                self.run, leaves = self.container.run, self.container.num_inputs
-            except (NotImplementedError, OSError, AttributeError):  # no C interface to reach: torch's loader
-                from torch.utils import _pytree as pytree
-
-                self.container = None
-                loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
-                loader.load_constants({f: constants[f] for f in loader.get_constant_fqns()}, False, True, True)
-                self.run, leaves = loader.run, pytree.treespec_loads(loader.get_call_spec()[0]).num_leaves
+        self.loader.load_constants(constants, False, True, True)  # (map, use_inactive, check_full_update, user_managed)
         self.dtype = model.dtype
-        if leaves != n:
-            raise ValueError(f"the package takes {leaves} inputs, the model {n}")
+        leaves = pytree.treespec_loads(self.loader.get_call_spec()[0]).num_leaves
+        if leaves != 3 + 2 * model.config.n_layers:
+            raise ValueError(f"the package takes {leaves} inputs, the model {3 + 2 * model.config.n_layers}")
 
     def __call__(self, tokens, positions, cache):
         """Logits [B,V] of one new token per row: tokens, positions [B,1]; cache a camelid.cache.KVCache."""
         from .cache import attention_mask
 
         mask = attention_mask(positions, int(positions.max()) + 1, self.dtype)
-        return self.run([tokens, positions, mask, *cache.k, *cache.v])[0]  # the flat inputs, as exported
+        return self.loader.run([tokens, positions, mask, *cache.k, *cache.v])[0]  # the flat inputs, as exported
 
 
 def attach(model, model_path: str | os.PathLike, quant: str | None, wait: bool = False) -> bool:

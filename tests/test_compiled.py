@@ -12,7 +12,7 @@ from gguf_factory import Spec, byte_level_vocab, write_gguf
 from test_serve_engine import Collector
 
 from camelid import compiled
-from camelid.cache import KVCache, attention_mask
+from camelid.cache import KVCache
 from camelid.formats import read
 from camelid.generate import Request, generate
 from camelid.loader import build_model
@@ -111,47 +111,3 @@ def test_package_key_follows_model_file_and_flags(tmp_path, monkeypatch):
     f.write_bytes(b"GGUF01")
     assert compiled.package_path(f, "auto") != a
     assert compiled.attach(SimpleNamespace(dtype=torch.float32), f, "auto") is False  # nothing built: eager decodes
-
-
-def test_the_step_runs_through_the_c_interface_as_the_loader_does(built):
-    """The step goes through AOTInductor's C interface with ctypes (which releases the GIL while it computes, so a
-    server's event loop runs during a step) and gives exactly what torch's own loader (which holds it) gives."""
-    import gc
-
-    _, fast, step, _, package = built
-    assert step.container is not None and step.run == step.container.run
-    loader = torch._C._aoti.AOTIModelPackageLoader(str(package), "model", False, 1, -1)
-    own = compiled.model_tensors(fast)
-    assert set(loader.get_constant_fqns()) <= set(step.container.fqns) and set(own) & set(step.container.fqns)
-    loader.load_constants({f: step.container.tensors[step.container.fqns.index(f)] for f in loader.get_constant_fqns()},
-                          False, True, True)
-    cache = KVCache.for_model(fast, 2, 16)
-    tokens, positions = torch.tensor([[7], [9]]), torch.tensor([[3], [5]])
-    with torch.inference_mode():
-        fast(torch.randint(3, 200, (2, 6)), None, cache)
-        want = loader.run([tokens, positions, attention_mask(positions, 6, fast.dtype), *cache.k, *cache.v])[0]
-        got = step(tokens, positions, cache)
-        again = compiled.CompiledStep(fast, package)  # a second binding, then dropped: frees only its own handles
-        assert torch.equal(again(tokens, positions, cache), got)
-        del again
-        gc.collect()
-        assert torch.equal(step(tokens, positions, cache), got)
-    assert torch.equal(got, want)
-
-
-def test_a_package_the_c_interface_cannot_run_falls_back_to_the_loader(built, monkeypatch):
-    """A package that needs torch's proxy executor (or whose library cannot be opened this way) runs through
-    torch's loader instead, with the same results."""
-    _, fast, step, _, package = built
-
-    def refuse(*_):
-        raise NotImplementedError("the package calls operators through the proxy executor")
-
-    monkeypatch.setattr(compiled, "_Container", refuse)
-    fallback = compiled.CompiledStep(fast, package)
-    assert fallback.container is None
-    tokens, positions = torch.tensor([[7]]), torch.tensor([[4]])
-    with torch.inference_mode():
-        cache = KVCache.for_model(fast, 1, 8)
-        fast(torch.randint(3, 200, (1, 4)), None, cache)
-        assert torch.equal(fallback(tokens, positions, cache), step(tokens, positions, cache))
