@@ -4,7 +4,9 @@ slots as the most streams (`-np`) when scripts/llama-cpp-tools.sh has built it, 
 
     python bench/bench_serve.py [--model PATH] [--max-tokens 64] [--repeats 3] [--concurrency 1 4 8 16]
 
-Each server runs alone (one after the other), on loopback. A level of concurrency C runs C client threads,
+Each server runs alone (one after the other), on loopback. Beside them, the same single-stream requests through the
+Python API in a process of its own (`in-process`: no server, the same prompts, sampling and token counts), which
+a single stream through `camelid serve` is held to (issue 12: at least 0.9x). A level of concurrency C runs C client threads,
 each sending `requests` completions one after another; throughput = completion tokens (from `usage`) / wall
 time, median over repeats. The peer is skipped, with a note, when llama_cpp is not installed
 (pip install 'camelid[bench]').
@@ -134,6 +136,41 @@ def level(base: str, model: str, concurrency: int, requests: int, max_tokens: in
     return sum(counts) / elapsed, sum(counts)
 
 
+IN_PROCESS = """
+import statistics, sys, time
+import camelid
+from camelid.compiled import package_path, step_for
+from camelid.sampling import SamplingParams
+gguf, max_tokens, requests, repeats = sys.argv[1], *map(int, sys.argv[2:5])
+prompts = sys.argv[5:]
+llm = camelid.load(gguf, cache_mb=0)  # no prompt cache: the servers' requests share no prefix either
+if package_path(llm.checkpoint.path, "auto", str(llm.model.dtype)).is_file():  # built: wait until it is bound
+    deadline = time.time() + 60
+    while step_for(llm.model) is None and time.time() < deadline:
+        time.sleep(0.05)
+llm.complete(prompts[0], max_tokens=8)
+runs = []
+for _ in range(repeats):
+    tokens, t0 = 0, time.perf_counter()
+    for r in range(requests):
+        sampling = SamplingParams(temperature=0.8, seed=r)
+        tokens += len(llm.complete(prompts[r % len(prompts)], max_tokens=max_tokens, sampling=sampling).token_ids)
+    runs.append(tokens / (time.perf_counter() - t0))
+print(statistics.median(runs), *runs)
+"""
+
+
+def in_process(gguf: str, env: dict, args) -> float:
+    """Single-stream tok/s through the Python API (the same requests as one server stream), in a process of its own."""
+    out = subprocess.run([sys.executable, "-c", IN_PROCESS, gguf, str(args.max_tokens), str(args.requests),
+                          str(args.repeats), *PROMPTS], env=env, capture_output=True, text=True, timeout=1800)
+    if out.returncode:
+        raise SystemExit(f"in-process run failed:\n{out.stderr[-2000:]}")
+    median, *runs = map(float, out.stdout.split())
+    print(f"  {'in-process':10s}   1 stream:  {median:7.1f} tok/s (runs: {', '.join(f'{r:.1f}' for r in runs)})", flush=True)
+    return median
+
+
 def measure(name: str, base: str, model: str, args) -> dict[int, float]:
     level(base, model, 2, 1, 8)  # warm up
     out = {}
@@ -169,6 +206,7 @@ def main() -> None:
 
     with serving(camelid_server(gguf, "--max-concurrency", str(slots), "--max-seq-len", "512"), env) as base:
         results["camelid"] = measure("camelid", base, "m", args)
+    alone = in_process(gguf, env, args)
     peer = llama_cpp_server(gguf, args.threads, 512, slots)
     if peer is not None:
         with serving(peer, env) as base:
@@ -182,6 +220,8 @@ def main() -> None:
         p = peer.get(c)
         print(f"| {c} | {cam[c]:.1f} | {cam[c] / cam[args.concurrency[0]]:.2f} | {f'{p:.1f}' if p else '-'} | "
               f"{f'{cam[c] / p:.2f}' if p else '-'} |")
+    if 1 in cam:
+        print(f"\none stream through camelid serve / in-process (the Python API): {cam[1] / alone:.2f}x")
 
 
 def prompt_cache_main(gguf: str, args) -> None:
