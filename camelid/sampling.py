@@ -106,7 +106,7 @@ def draw(weights: torch.Tensor, generator: torch.Generator | None = None) -> int
     running = weights.double().cumsum(0)
     total = float(running[-1])
     if not total > 0:
-        raise SamplingError("cannot sample: every token has probability 0")
+        raise SamplingError("cannot sample: the probabilities are all 0 or not finite")
     u = float(torch.rand((), dtype=torch.float64, generator=generator))
     i = int(torch.searchsorted(running, torch.tensor([u * total], dtype=torch.float64), right=True))
     if i >= running.shape[0]:  # u * total rounded up to the total: the last index that has weight
