@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..errors import CamelidError
+from ..errors import CamelidError, first_line
 
 SUITES = Path(__file__).parent / "tasks"
 INSTALL_HINT = "lm-evaluation-harness is not installed: pip install 'camelid[eval]' (or pip install lm_eval)"
@@ -81,7 +81,7 @@ def resolve_tasks(specs: list[str], tmp: Path):
             try:
                 cfg = load_yaml(path)
             except Exception as e:  # yaml errors, a bad include or !function: one line
-                raise CamelidError(f"{name}: cannot read the task YAML: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                raise CamelidError(f"{name}: cannot read the task YAML: {first_line(e)}") from None
             if "task" not in cfg:
                 raise CamelidError(f"{name}: a task YAML needs a 'task' name (groups: pass their folder's tasks by name)")
             tasks.append(_absolute_data_files(cfg, path.resolve().parent, name))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig, RopeScaling
-from ..errors import FormatError, UnsupportedModelError
+from ..errors import FormatError, UnsupportedModelError, first_line
 from ..tokenizer import Tokenizer, build_bpe, build_spm
 from . import Checkpoint, LazyTensor
 from .layout import interleaved_to_half
@@ -167,7 +167,7 @@ def _open(path: Path) -> _Meta:
     try:
         reader = _reader_class()(path)
     except Exception as e:  # the reader raises many kinds on damaged files
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = first_line(e)
         raise FormatError(f"{path}: corrupt or truncated GGUF file ({reason})") from None
     fields, broken = {}, {}
     for key, f in reader.fields.items():

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig, RopeScaling
-from ..errors import FormatError, UnsupportedModelError
+from ..errors import FormatError, UnsupportedModelError, first_line
 from ..tokenizer import Tokenizer
 from . import Checkpoint, LazyTensor
 from .tokenizers_io import chat_template_of, from_sentencepiece, from_tokenizer_json, read_json
@@ -187,7 +187,7 @@ def read_tensors(folder: Path, tie_embeddings: bool, quantized: bool = False) ->
         try:
             handle = safe_open(str(file), framework="pt")
         except Exception as e:  # safetensors raises its own error type for bad headers
-            raise FormatError(f"{file}: not a safetensors file ({str(e).splitlines()[0]})") from None
+            raise FormatError(f"{file}: not a safetensors file ({first_line(e)})") from None
         for name in handle.keys():
             if name in handles:
                 raise FormatError(f"{folder}: tensor {name} is stored twice (second time in {file.name})")

@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 
 from ..config import ModelConfig
-from ..errors import FormatError, UnsupportedModelError
+from ..errors import FormatError, UnsupportedModelError, first_line
 from . import Checkpoint, LazyTensor
 from .layout import interleaved_to_half
 
@@ -226,7 +226,7 @@ def read(folder: Path, raw_config: dict) -> Checkpoint:
         try:
             handle = safe_open(str(file), framework="pt")
         except Exception as e:
-            raise FormatError(f"{file}: not a safetensors file ({str(e).splitlines()[0]})") from None
+            raise FormatError(f"{file}: not a safetensors file ({first_line(e)})") from None
         for name in handle.keys():
             if name in stored:
                 raise FormatError(f"{folder}: tensor {name} is stored twice (second time in {file.name})")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig, RopeScaling, ffn_hidden_dim
-from ..errors import FormatError
+from ..errors import FormatError, first_line
 from ..tokenizer import Tokenizer
 from . import Checkpoint, LazyTensor
 from .layout import interleaved_to_half
@@ -108,7 +108,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         what = f" (it asks for {found.group(1)})" if found else ""
         raise FormatError(f"{path}: not a plain weights file; refusing to unpickle it{what}") from None
     except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = first_line(e)
         raise FormatError(f"{path}: cannot read it as PyTorch weights ({reason})") from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise FormatError(f"{path}: not a dict of named tensors")

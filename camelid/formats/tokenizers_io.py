@@ -18,7 +18,7 @@ from pathlib import Path
 from tokenizers import AddedToken, decoders, models
 from tokenizers import Tokenizer as HFTokenizer
 
-from ..errors import FormatError
+from ..errors import FormatError, first_line
 from ..tokenizer import (
     END_OF_TURN_NAMES,
     TOKEN_BYTE,
@@ -123,7 +123,7 @@ def from_tokenizer_json(path: Path, tokenizer_config: dict | None = None, genera
     try:
         backend = HFTokenizer.from_str(json.dumps(spec))
     except Exception as e:  # the Rust library raises plain Exceptions
-        raise FormatError(f"{path}: not a tokenizer the tokenizers library reads ({str(e).splitlines()[0]})") from None
+        raise FormatError(f"{path}: not a tokenizer the tokenizers library reads ({first_line(e)})") from None
     added = {t["id"]: t for t in spec.get("added_tokens", []) if isinstance(t, dict) and "id" in t}
     special = {i for i, t in added.items() if t.get("special")}
     byte_level = bool(_nodes(spec.get("decoder"), "ByteLevel"))
@@ -182,7 +182,7 @@ def from_sentencepiece(path: Path, chat_template: str | None = None, extra_stop_
     try:
         sp = spm.SentencePieceProcessor(model_file=str(path))
     except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = first_line(e)
         raise FormatError(f"{path}: not a SentencePiece model ({reason})") from None
     n = sp.get_piece_size()
     tokens = [sp.id_to_piece(i) for i in range(n)]
