@@ -120,6 +120,9 @@ class Attention(nn.Module):
                 k, v, mask = update_chunked(cache, self.layer, positions, k, v, self.chunk)
             else:
                 k, v, mask = cache.update(self.layer, positions, k, v)  # [B,K,S,E], mask [B,1,T,S] or None: causal
+            attend = getattr(cache, "attend", None)  # the compiled decode step's own kernel (camelid/compiled.py)
+            if attend is not None and T == 1 and not self.chunk:  # one query per row: [B,1,H,E] out, no transposes
+                return self.wo(attend(q, k, v, mask).reshape(B, T, -1))
             if cache.query_by_query and T > 1 and not self.chunk:  # speculative verification, one row (B=1):
                 # query t over slots 0..p_t, as decode computes it alone
                 out = torch.cat([F.scaled_dot_product_attention(

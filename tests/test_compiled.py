@@ -101,6 +101,39 @@ def test_greedy_tokens_the_same_through_generate_and_engine(built):
         compiled._STEPS.pop(fast, None)
 
 
+def test_the_step_attends_with_camelids_kernel_and_a_row_decodes_the_same_alone_and_in_a_batch(built):
+    """The package calls camelid's decode attention (camelid/kernels.py) rather than torch's; past one chunk of
+    slots (256) a row's logits are the same bits alone as beside a longer row, and close to eager's."""
+    import zipfile
+
+    eager, fast, step, _, package = built
+    with zipfile.ZipFile(package) as archive:
+        assert any(b"camelid::decode_attention" in archive.read(n) for n in archive.namelist() if n.endswith(".json"))
+    lengths = [300, 530]
+    caches = [KVCache.for_model(m, 2, 600) for m in (eager, fast)]
+    with torch.inference_mode():
+        prompt = torch.randint(3, 200, (2, 530))
+        for m, c in zip((eager, fast), caches, strict=True):
+            m(prompt, None, c)  # the shorter row's slots past 300 are overwritten by nothing it reads
+        tokens, positions = torch.randint(3, 200, (2, 1)), torch.tensor(lengths)[:, None]
+        both = step(tokens, positions, caches[1])
+        alone = KVCache([t[:1].clone() for t in caches[1].k], [t[:1].clone() for t in caches[1].v])
+        first = step(tokens[:1], positions[:1], alone)
+        want = eager(tokens, positions, caches[0])[:, -1]
+    assert torch.equal(first, both[:1])
+    torch.testing.assert_close(both, want, atol=1e-3, rtol=1e-3)
+
+
+def test_a_package_without_its_kernel_is_refused_in_one_line(built, monkeypatch):
+    from camelid import kernels
+
+    _, fast, _, _, package = built
+    monkeypatch.setattr(kernels, "_ready", False)
+    monkeypatch.setattr(kernels, "library_path", lambda: package.parent / "missing.so")
+    with pytest.raises(FileNotFoundError, match="attention kernel is not built here"):
+        compiled.CompiledStep(fast, package)
+
+
 def test_package_key_follows_model_file_and_flags(tmp_path, monkeypatch):
     monkeypatch.setenv("CAMELID_HOME", str(tmp_path))
     monkeypatch.delenv("CAMELID_COMPILED")  # conftest turns packages off for the other tests

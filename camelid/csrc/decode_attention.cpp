@@ -1,0 +1,216 @@
+// camelid::decode_attention: one query per row over the filled prefix of the KV cache (the compiled decode step).
+//
+// q [B,1,H,E], k and v [B,K,S,E] (views of the cache: the first S slots), mask [B,1,1,S] additive -> [B,1,H,E].
+// float32; E a multiple of 16 up to 128; G = H/K query heads share a key/value head (grouped-query attention).
+//
+// Work is split over (row, key/value head, CHUNK slots), so two threads stay busy on one row. Each piece reads its
+// keys and values once for all G query heads and keeps a running maximum, sum and unnormalised output; the pieces
+// are then combined in slot order (the log-sum-exp rule). What a row gets depends only on its own inputs and on the
+// fixed chunk boundaries, never on the threads or on the other rows of the batch: a slot the mask hides adds
+// exactly zero, and a chunk it hides entirely is skipped. So a row decodes bit-identically alone and in a batch.
+//
+// Built at run time by camelid/kernels.py with the machine's compiler (-march=native) into the model store.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+constexpr int64_t CHUNK = 256;  // slots per piece of work (fixed: the result must not depend on anything else)
+constexpr int64_t AHEAD = 16;   // slots prefetched ahead of the one read
+constexpr int W = 16;           // floats per vector: one AVX-512 register, two AVX2 ones
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef float vfu __attribute__((vector_size(W * 4), aligned(4)));  // the same type at any float address
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+
+inline float hsum(vf v) {  // a fixed tree: 16 -> 8 -> 4 -> 1
+  const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// exp(x) for x <= 0 (a score minus its maximum), vectorisable: 2^n * p(r), |r| <= ln2/2, a degree-6 polynomial
+// (about 1 ulp); exactly 0 below -87 and for -inf (a masked slot).
+#pragma omp declare simd
+inline float exp_neg(float x) {
+  const float y = std::max(x, -87.0f);
+  const float n = std::nearbyint(y * 1.44269504088896341f);
+  const float r = y - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+struct Strides {
+  int64_t kss, vss, mss;
+};
+
+// One piece: G queries over n slots -> maxima m[G], sums l[G], unnormalised outputs o[G][E]; s is scratch [G][CHUNK].
+template <int E, int G>
+void piece(const float* const* qr, const float* kb, const float* vb, const float* mb, const Strides& st, int64_t n,
+           float scale, float* m, float* l, float* o, float* s) {
+  constexpr int J = E / W;
+  bool visible = false;
+  for (int64_t i = 0; i < n; ++i) visible |= mb[i * st.mss] != NEG_INF;
+  if (!visible) {  // hidden from this row (a longer row's slots): adds nothing, whatever it holds
+    for (int g = 0; g < G; ++g) m[g] = NEG_INF, l[g] = 0.f;
+    std::fill(o, o + G * E, 0.f);
+    return;
+  }
+  vf q[G][J];
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < J; ++j) q[g][j] = load(qr[g] + j * W);
+  float mx[G];
+  for (int g = 0; g < G; ++g) mx[g] = NEG_INF;
+  for (int64_t i = 0; i < n; ++i) {  // scores: each key read once for the G queries
+    const float* kr = kb + i * st.kss;
+    __builtin_prefetch(kr + AHEAD * st.kss);
+    if (E > 32) __builtin_prefetch(kr + AHEAD * st.kss + 32);
+    vf k[J];
+    for (int j = 0; j < J; ++j) k[j] = load(kr + j * W);
+    const float add = mb[i * st.mss];
+    for (int g = 0; g < G; ++g) {
+      vf acc = q[g][0] * k[0];
+      for (int j = 1; j < J; ++j) acc += q[g][j] * k[j];
+      const float x = hsum(acc) * scale + add;
+      s[g * CHUNK + i] = x;
+      mx[g] = std::max(mx[g], x);
+    }
+  }
+  for (int g = 0; g < G; ++g) {  // weights exp(score - max), and their sum in slot order
+    float* sg = s + g * CHUNK;
+    const float top = mx[g];
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) sg[i] = exp_neg(sg[i] - top);
+    float sum = 0.f;
+    for (int64_t i = 0; i < n; ++i) sum += sg[i];
+    m[g] = top, l[g] = sum;
+  }
+  vf acc[G][J];
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < J; ++j) acc[g][j] = vf{};
+  for (int64_t i = 0; i < n; ++i) {  // outputs: each value read once for the G queries
+    const float* vr = vb + i * st.vss;
+    __builtin_prefetch(vr + AHEAD * st.vss);
+    if (E > 32) __builtin_prefetch(vr + AHEAD * st.vss + 32);
+    vf v[J];
+    for (int j = 0; j < J; ++j) v[j] = load(vr + j * W);
+    for (int g = 0; g < G; ++g) {
+      const float p = s[g * CHUNK + i];
+      for (int j = 0; j < J; ++j) acc[g][j] += p * v[j];
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < J; ++j) store(o + g * E + j * W, acc[g][j]);
+}
+
+template <int E, int G>
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, double scale) {
+  const int64_t B = q.size(0), H = q.size(2), K = k.size(1), S = k.size(2);
+  const int64_t nc = (S + CHUNK - 1) / CHUNK, pieces = B * K * nc;
+  auto out = at::empty({B, 1, H, E}, q.options());
+  std::vector<float> pm(pieces * G), pl(pieces * G), po(pieces * G * E);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const float* mp = mask.data_ptr<float>();
+  const Strides st{k.stride(2), v.stride(2), mask.stride(3)};
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(G * CHUNK);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / (K * nc), h = t / nc % K, c = t % nc;
+      const int64_t s0 = c * CHUNK, n = std::min(S, s0 + CHUNK) - s0;
+      const float* qr[G];
+      for (int g = 0; g < G; ++g) qr[g] = qp + b * q.stride(0) + (h * G + g) * q.stride(2);
+      piece<E, G>(qr, kp + b * k.stride(0) + h * k.stride(1) + s0 * st.kss, vp + b * v.stride(0) + h * v.stride(1) + s0 * st.vss,
+                  mp + b * mask.stride(0) + s0 * st.mss, st, n, sc, &pm[t * G], &pl[t * G], &po[t * G * E], s.data());
+    }
+  });
+  float* op = out.data_ptr<float>();
+  for (int64_t bh = 0; bh < B * H; ++bh) {  // combine each query's pieces in slot order
+    const int64_t b = bh / H, h = bh % H / G, g = bh % H % G, first = (b * K + h) * nc;
+    float top = NEG_INF;
+    for (int64_t c = 0; c < nc; ++c) top = std::max(top, pm[(first + c) * G + g]);
+    float total = 0.f, acc[E] = {};
+    for (int64_t c = 0; c < nc; ++c) {
+      const int64_t t = first + c;
+      if (pm[t * G + g] == NEG_INF) continue;
+      const float w = std::exp(pm[t * G + g] - top);
+      total += w * pl[t * G + g];
+      const float* oc = &po[(t * G + g) * E];
+      for (int e = 0; e < E; ++e) acc[e] += w * oc[e];
+    }
+    for (int e = 0; e < E; ++e) op[bh * E + e] = acc[e] / total;
+  }
+  return out;
+}
+
+using Fn = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double);
+
+template <int E>
+Fn for_group(int64_t G) {
+  switch (G) {
+    case 1: return attend<E, 1>;
+    case 2: return attend<E, 2>;
+    case 3: return attend<E, 3>;
+    case 4: return attend<E, 4>;
+    case 5: return attend<E, 5>;
+    case 6: return attend<E, 6>;
+    case 7: return attend<E, 7>;
+    case 8: return attend<E, 8>;
+    default: return nullptr;
+  }
+}
+
+Fn pick(int64_t E, int64_t G) {
+  switch (E) {
+    case 16: return for_group<16>(G);
+    case 32: return for_group<32>(G);
+    case 64: return for_group<64>(G);
+    case 96: return for_group<96>(G);
+    case 128: return for_group<128>(G);
+    default: return nullptr;
+  }
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                            double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 4, "decode_attention: 4-d inputs");
+  for (const at::Tensor* t : {&q, &k, &v, &mask})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), "decode_attention: float32 CPU tensors");
+  const int64_t B = q.size(0), H = q.size(2), E = q.size(3), K = k.size(1), S = k.size(2);
+  TORCH_CHECK(q.size(1) == 1 && K > 0 && H % K == 0, "decode_attention: q [B,1,H,E] with H a multiple of k's heads");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == E, "decode_attention: k, v [B,K,S,E]");
+  TORCH_CHECK(mask.size(0) == B && mask.size(1) == 1 && mask.size(2) == 1 && mask.size(3) == S, "decode_attention: mask [B,1,1,S]");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: E contiguous");
+  const Fn fn = pick(E, H / K);
+  TORCH_CHECK(fn != nullptr, "decode_attention: head size ", E, " with ", H / K, " query heads per key head is not built");
+  return fn(q, k, v, mask, scale);
+}
+}  // namespace
+
+TORCH_LIBRARY(camelid, m) {
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(camelid, CPU, m) { m.impl("decode_attention", decode_attention); }

@@ -1,0 +1,119 @@
+"""Kernels camelid compiles itself: C++ that no library provides, built with this machine's compiler on first need.
+
+One so far, `camelid::decode_attention` (camelid/csrc/decode_attention.cpp): a single query per row over the filled
+prefix of the KV cache, split over slots so that both cores work on one row, each key and value read once for the
+query heads that share it. torch's attention serves one query poorly: at 2,000 cached positions it reads the cache at
+a third of the speed the memory gives (docs/performance.md). The compiled decode step (camelid/compiled.py) calls it;
+eager decoding keeps torch's attention.
+
+The library lives in the model store, keyed by the source, torch's version, the CPU features and the flags:
+
+    $CAMELID_HOME/kernels/decode_attention-<key>.so
+
+It is built with the compiler the compiled step already needs (`$CXX`, else `c++`), once, in about 20 s; written
+whole or not at all, so processes building at once do not see each other's half-written files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+from .cpu import cpu_features, cpu_flags
+from .errors import CamelidError
+
+SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+HEAD_SIZES = (16, 32, 64, 128, 96)  # what the C++ instantiates: head size, and 1..8 query heads per key head
+MAX_GROUP = 8
+_ready = False  # the op is registered in this process
+
+
+class KernelError(CamelidError):
+    """The C++ compiler could not build a kernel (one line: the compiler's first error)."""
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-w"]
+    if platform.machine() in ("x86_64", "AMD64") and "avx512f" in cpu_flags():
+        flags.append("-mprefer-vector-width=512")  # gcc keeps to 256-bit vectors otherwise
+    return flags
+
+
+def library_path() -> Path:
+    """Where the library built from the current source for this torch and CPU lives."""
+    import torch
+
+    from .store import home
+
+    compiler = os.environ.get("CXX", "c++")
+    key = "|".join((hashlib.sha256(SOURCE.read_bytes()).hexdigest(), torch.__version__, cpu_features(), compiler,
+                    " ".join(_flags())))
+    return home() / "kernels" / f"decode_attention-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+
+
+def build(out: Path) -> Path:
+    """Compile the library into `out` (seconds); raises KernelError with the compiler's first error."""
+    import torch
+    from torch.utils.cpp_extension import include_paths
+
+    lib = Path(torch.__file__).parent / "lib"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}.so")
+    command = [os.environ.get("CXX", "c++"), *_flags(), *(f"-I{p}" for p in include_paths()), str(SOURCE),
+               f"-L{lib}", "-ltorch", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}", "-o", str(tmp)]
+    try:
+        try:
+            r = subprocess.run(command, capture_output=True, text=True)
+        except OSError as e:
+            raise KernelError(f"no C++ compiler ({command[0]}: {e.strerror})") from None
+        if r.returncode != 0:
+            errors = [line for line in r.stderr.splitlines() if "error" in line] or r.stderr.splitlines() or ["failed"]
+            raise KernelError(f"{command[0]} could not build {SOURCE.name}: {errors[0].strip()}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def load(build_missing: bool = False) -> bool:
+    """Make torch.ops.camelid.decode_attention available in this process: True when it is. Builds the library
+    first when it is missing and build_missing is set (KernelError when that fails)."""
+    global _ready
+    import torch
+
+    if _ready:
+        return True
+    path = library_path()
+    if not path.is_file():
+        if not build_missing:
+            return False
+        import sys
+
+        print("camelid: building the decode attention kernel (C++, about 20 s, once) ...", file=sys.stderr, flush=True)
+        build(path)
+    torch.ops.load_library(str(path))
+
+    @torch.library.register_fake("camelid::decode_attention")
+    def _(q, k, v, mask, scale):  # what torch.export traces: the output's shape
+        return q.new_empty(q.shape)
+
+    _ready = True
+    return True
+
+
+def supports(head_dim: int, group: int, dtype) -> bool:
+    """Whether the kernel covers a model: float32 activations, a built head size, 1..8 query heads per key head."""
+    import torch
+
+    return dtype == torch.float32 and head_dim in HEAD_SIZES and 1 <= group <= MAX_GROUP
+
+
+def decode_attention(q, k, v, mask):
+    """q [B,1,H,E] over k, v [B,K,S,E] with the additive mask [B,1,1,S] -> [B,1,H,E] (scale 1/sqrt(E)), as
+    torch's scaled_dot_product_attention computes it (within float32 rounding). Needs load() first."""
+    import torch
+
+    return torch.ops.camelid.decode_attention(q, k, v, mask, q.shape[-1] ** -0.5)

@@ -1,0 +1,87 @@
+"""camelid's decode attention kernel (camelid/kernels.py) against torch's attention: the same values within float32
+rounding at every head size and grouping it is built for, across chunk boundaries and masked rows; and the same bits
+for a row alone or beside longer rows, and on one thread or two (what identical greedy output in a batch rests on)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from camelid import kernels
+
+
+@pytest.fixture(scope="module", autouse=True)
+def library():
+    kernels.load(build_missing=True)  # about 20 s the first time on a machine, then kept in the store
+
+
+def _case(B: int, H: int, K: int, E: int, S: int, lengths: list[int], capacity: int | None = None):
+    """q [B,1,H,E]; k, v the first S slots of a [B,K,capacity,E] cache; the mask hides each row's slots >= length."""
+    capacity = capacity or S + 7
+    kc, vc = torch.randn(B, K, capacity, E), torch.randn(B, K, capacity, E)
+    q = torch.randn(B, 1, H, E)
+    mask = torch.zeros(B, 1, 1, S)
+    for b, n in enumerate(lengths):
+        mask[b, ..., n:] = float("-inf")
+    return q, kc[:, :, :S], vc[:, :, :S], mask
+
+
+def _torch(q, k, v, mask):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)
+
+
+@pytest.mark.parametrize(("E", "H", "K"), [(64, 9, 3), (16, 4, 2), (128, 8, 8), (64, 32, 4), (96, 6, 2)])
+@pytest.mark.parametrize("S", [1, 2, 255, 256, 257, 700])
+def test_matches_torch_attention(E, H, K, S):
+    q, k, v, mask = _case(2, H, K, E, S, [S, max(1, S // 3)])
+    got = kernels.decode_attention(q, k, v, mask)
+    assert got.shape == (2, 1, H, E)
+    torch.testing.assert_close(got, _torch(q, k, v, mask), atol=2e-6, rtol=1e-5)
+
+
+def test_large_scores_and_a_strided_query():
+    """Scores far from 0 (the running maximum matters) and q a view with gaps between heads, as the model's
+    fused QK projection gives it."""
+    q, k, v, mask = _case(1, 9, 3, 64, 600, [600])
+    qk = torch.randn(1, 1, 12, 64) * 30
+    q = qk[:, :, :9]  # heads 9 apart in a row of 12
+    got = kernels.decode_attention(q, k * 3, v, mask)
+    torch.testing.assert_close(got, _torch(q, k * 3, v, mask), atol=2e-6, rtol=1e-5)
+
+
+def test_a_row_gets_the_same_bits_alone_and_beside_longer_rows():
+    q, k, v, mask = _case(3, 9, 3, 64, 900, [300, 900, 513], capacity=1000)
+    batch = kernels.decode_attention(q, k, v, mask)
+    for b, n in enumerate([300, 900, 513]):
+        alone = kernels.decode_attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], mask[b : b + 1, ..., :n])
+        assert torch.equal(alone, batch[b : b + 1]), b
+
+
+def test_the_same_bits_on_one_thread_and_two():
+    q, k, v, mask = _case(2, 9, 3, 64, 1500, [1500, 700])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.decode_attention(q, k, v, mask)
+        torch.set_num_threads(2)
+        two = kernels.decode_attention(q, k, v, mask)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_what_it_covers():
+    assert kernels.supports(64, 3, torch.float32) and kernels.supports(128, 8, torch.float32)
+    assert not kernels.supports(64, 3, torch.bfloat16)
+    assert not kernels.supports(80, 1, torch.float32) and not kernels.supports(64, 9, torch.float32)
+    q, k, v, mask = _case(1, 5, 1, 80, 10, [10])
+    with pytest.raises(RuntimeError, match="head size 80"):
+        kernels.decode_attention(q, k, v, mask)
+
+
+def test_a_missing_compiler_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    with pytest.raises(kernels.KernelError, match=r"^no C\+\+ compiler \(.*no-such-c\+\+: No such file or directory\)$"):
+        kernels.build(tmp_path / "k.so")
+    assert not list(tmp_path.glob("*.so"))
