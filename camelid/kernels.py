@@ -6,7 +6,7 @@ query heads that share it. torch's attention serves one query poorly: at 2,000 c
 a third of the speed the memory gives (docs/performance.md). The compiled decode step (camelid/compiled.py) calls it;
 eager decoding keeps torch's attention.
 
-The library lives in the model store, keyed by the source, torch's version, the CPU features and the flags:
+The library lives in the model store, keyed by the source, torch's version, the CPU's flags and the compiler's:
 
     $CAMELID_HOME/kernels/decode_attention-<key>.so
 
@@ -49,8 +49,9 @@ def library_path() -> Path:
     from .store import home
 
     compiler = os.environ.get("CXX", "c++")
-    key = "|".join((hashlib.sha256(SOURCE.read_bytes()).hexdigest(), torch.__version__, cpu_features(), compiler,
-                    " ".join(_flags())))
+    # every flag the CPU reports, not only those the packages key on: -march=native may use any of them
+    key = "|".join((hashlib.sha256(SOURCE.read_bytes()).hexdigest(), torch.__version__, cpu_features(),
+                    ",".join(sorted(cpu_flags())), compiler, " ".join(_flags())))
     return home() / "kernels" / f"decode_attention-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 

@@ -134,6 +134,18 @@ def test_a_package_without_its_kernel_is_refused_in_one_line(built, monkeypatch)
         compiled.CompiledStep(fast, package)
 
 
+def test_without_a_compiler_for_the_kernel_the_step_keeps_torchs_attention(built, monkeypatch, capsys):
+    from camelid import kernels
+
+    def refuse(build_missing=False):
+        raise kernels.KernelError("no C++ compiler (c++: No such file or directory)")
+
+    monkeypatch.setattr(kernels, "load", refuse)
+    assert compiled.decode_kernel(built[1], build_missing=True) is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["camelid: warning: no C++ compiler (c++: No such file or directory); the decode step uses torch's attention"]
+
+
 def test_package_key_follows_model_file_and_flags(tmp_path, monkeypatch):
     monkeypatch.setenv("CAMELID_HOME", str(tmp_path))
     monkeypatch.delenv("CAMELID_COMPILED")  # conftest turns packages off for the other tests
