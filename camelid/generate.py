@@ -10,10 +10,8 @@ import torch
 from .cache import KVCache
 from .compiled import step_for
 from .errors import ContextLengthError, SamplingError
-from .prompt_cache import SMALL_CHUNK, PromptCache, next_chunk
+from .prompt_cache import PromptCache, next_chunk
 from .sampling import GREEDY, SamplingParams, sample
-
-PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory for long prompts
 
 
 @dataclass
@@ -39,7 +37,8 @@ def prefill(model: torch.nn.Module, cache: KVCache, prompts: Sequence[Sequence[i
             prompt_cache: PromptCache | None = None) -> tuple[torch.Tensor, list[int]]:
     """Run each prompt into its row of the cache: (logits of each row's last token [B,V], tokens restored per row).
 
-    Row by row, in the chunks of camelid/prompt_cache.py's schedule (PREFILL_CHUNK, then small ones): a row's
+    Row by row, in the chunks of camelid/prompt_cache.py's schedule (the prompt cache's, the default without one;
+    the same chunks the server's engine prefills): a row's
     work (and its numbers) is the same alone or in a batch, with the prompt cache or without, and no compute
     goes to padding. With a prompt cache, the longest cached chain of chunks is copied in and every whole
     chunk computed is kept."""
@@ -53,7 +52,7 @@ def prefill(model: torch.nn.Module, cache: KVCache, prompts: Sequence[Sequence[i
         restored.append(start)
         tokens = torch.as_tensor(prompt, dtype=torch.long, device=device)[None]
         while start < len(prompt):
-            end = next_chunk(start, len(prompt), PREFILL_CHUNK, SMALL_CHUNK)
+            end = prompt_cache.next_chunk(start, len(prompt)) if prompt_cache is not None else next_chunk(start, len(prompt))
             positions = torch.arange(start, end, device=device)[None]
             logits = model(tokens[:, start:end], positions, row, logits_at=torch.tensor([end - start - 1], device=device))
             if prompt_cache is not None:

@@ -169,6 +169,32 @@ def test_api_chat_turns_reuse_the_previous_turns_and_answer_the_same(fast, defau
         assert now >= before - 16 and now > 0
 
 
+@pytest.mark.slow
+def test_api_reuses_prompts_longer_than_a_big_chunk_and_answers_the_same(fast, default_model_path):
+    """The API prefills by the prompt cache's own schedule: a prompt past a whole big chunk (256) is reused too.
+    (It once prefilled in 512-token chunks while restoring by 256-token ones, so nothing past 256 tokens was
+    ever reused, and its cache-off output differed from the server's.)"""
+    import camelid
+    from camelid.prompt_cache import BIG_CHUNK
+
+    plain = camelid.load(default_model_path, cache_mb=0)
+    first = fast.tokenizer.encode("The history of bread, told briefly. " * 40, bos=True)
+    for ids in (first[: BIG_CHUNK + 44], first[: 2 * BIG_CHUNK + 30]):
+        assert len(ids) > BIG_CHUNK
+        want = plain.start(ids, max_tokens=6, sampling=GREEDY).run()
+        fast.start(ids, max_tokens=6, sampling=GREEDY).run()  # into the cache (the longer prompt reuses the shorter)
+        again = fast.start(ids, max_tokens=6, sampling=GREEDY).run()
+        assert again.token_ids == want.token_ids
+        assert again.cached_tokens >= len(ids) - 16  # all but the last small chunk, which holds the last token
+        engine = Engine(fast.model, fast.tokenizer, max_concurrency=1, max_seq_len=1024)  # the server's schedule
+        engine.start()
+        try:
+            served, _ = run(engine, [ids], 6, frozenset(), together=False)
+        finally:
+            engine.stop()
+        assert served[0] == want.token_ids
+
+
 def test_templates_that_defeat_reuse_are_named():
     from camelid.chat import BUILTIN, prefix_reuse_problem
 
