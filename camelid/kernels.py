@@ -1,10 +1,12 @@
 """Kernels camelid compiles itself: C++ that no library provides, built with this machine's compiler on first need.
 
-One so far, `camelid::decode_attention` (camelid/csrc/decode_attention.cpp): a single query per row over the filled
-prefix of the KV cache, split over slots so that both cores work on one row, each key and value read once for the
-query heads that share it. torch's attention serves one query poorly: at 2,000 cached positions it reads the cache at
-a third of the speed the memory gives (docs/performance.md). The compiled decode step (camelid/compiled.py) calls it;
-eager decoding keeps torch's attention.
+One so far, `camelid::decode_attention` (camelid/csrc/decode_attention.cpp): each query over the filled prefix of the
+KV cache on its own, split over slots so that both cores work on one row, each key and value read once for the query
+heads that share it. torch's attention serves one query poorly: at 2,000 cached positions it reads the cache at a
+third of the speed the memory gives (docs/performance.md). The compiled decode step (camelid/compiled.py) calls it,
+and so does the eager fast path (decode, and prefill chunks of fewer than 128 tokens) in a process where the library
+is already built (`available()`): a token's attention is then the same whichever prompt chunk computes it, which lets
+the prompt cache reuse any prefix, not only whole chunks (camelid/prompt_cache.py).
 
 The library lives in the model store, keyed by the source, torch's version, the CPU's flags and the compiler's:
 
@@ -29,6 +31,7 @@ SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
 HEAD_SIZES = (16, 32, 64, 128, 96)  # what the C++ instantiates: head size, and 1..8 query heads per key head
 MAX_GROUP = 8
 _ready = False  # the op is registered in this process
+_available: bool | None = None  # available()'s answer, fixed at its first call
 
 
 class KernelError(CamelidError):
@@ -105,6 +108,20 @@ def load(build_missing: bool = False) -> bool:
     return True
 
 
+def available() -> bool:
+    """Whether the eager fast path attends with the kernel in this process: when the library is already built (by
+    `camelid compile`, or the tests), never building it here. Decided once per process, at the first call, so that
+    every model of a process computes its attention one way from start to end (a library built later in the process,
+    by a background compile, is used from the next process on). CAMELID_KERNELS=0 turns it off."""
+    global _available
+    if _available is None:
+        try:
+            _available = os.environ.get("CAMELID_KERNELS") != "0" and load(build_missing=False)
+        except (OSError, RuntimeError):  # a library that does not load (another torch's): torch's attention
+            _available = False
+    return _available
+
+
 def supports(head_dim: int, group: int, dtype) -> bool:
     """Whether the kernel covers a model: float32 activations, a built head size, 1..8 query heads per key head."""
     import torch
@@ -113,8 +130,9 @@ def supports(head_dim: int, group: int, dtype) -> bool:
 
 
 def decode_attention(q, k, v, mask):
-    """q [B,1,H,E] over k, v [B,K,S,E] with the additive mask [B,1,1,S] -> [B,1,H,E] (scale 1/sqrt(E)), as
-    torch's scaled_dot_product_attention computes it (within float32 rounding). Needs load() first."""
+    """q [B,T,H,E] over k, v [B,K,S,E] with the additive mask [B,1,T,S] -> [B,T,H,E] (scale 1/sqrt(E)), as
+    torch's scaled_dot_product_attention computes it (within float32 rounding), each query on its own. Needs load()
+    first."""
     import torch
 
     return torch.ops.camelid.decode_attention(q, k, v, mask, q.shape[-1] ** -0.5)

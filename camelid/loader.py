@@ -71,10 +71,23 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype | None = None, device: str 
         kept = converted.converted_path(ckpt.path, quant, dtype, device)
         model = converted.load(kept) if kept is not None else None
         if model is not None:
-            return model
+            return _bind_kernel(model, quant)
     model = _build(ckpt, dtype, device, quant)
     if kept is not None:
         converted.save(model, kept)
+    return _bind_kernel(model, quant)
+
+
+def _bind_kernel(model: Transformer, quant: str | None) -> Transformer:
+    """The fast path on the CPU attends with camelid's kernel where it is built (camelid/kernels.py): decode, and
+    prompt chunks each token of which then attends as it would alone. The float32 reference keeps torch's attention."""
+    from . import kernels
+
+    cfg = model.config
+    on = (quant is not None and model.device.type == "cpu" and not cfg.chunked_layers
+          and kernels.supports(cfg.head_dim, cfg.n_heads // cfg.n_kv_heads, model.dtype) and kernels.available())
+    for layer in model.layers:
+        layer.attention.kernel = on
     return model
 
 

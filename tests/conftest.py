@@ -165,6 +165,16 @@ def require_llama_cpp():
 
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # camelid's attention kernel (camelid/kernels.py) is used by a process's fast path when it is built; built here,
+    # before any test, every test process and subprocess attends the same way (it is kept in the store: seconds
+    # after the first time). Where no compiler can build it, the whole suite runs without it.
+    from camelid import kernels
+
+    try:
+        kernels.load(build_missing=True)
+    except kernels.KernelError as e:
+        print(f"camelid's attention kernel is not built ({e}): the tests run torch's attention", file=sys.stderr)
+        os.environ["CAMELID_KERNELS"] = "0"
 
 
 class Collector:

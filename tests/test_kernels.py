@@ -58,6 +58,32 @@ def test_a_row_gets_the_same_bits_alone_and_beside_longer_rows():
         assert torch.equal(alone, batch[b : b + 1]), b
 
 
+def test_a_prompt_chunks_queries_each_attend_as_alone_whatever_chunk_holds_them():
+    """Several queries per row (a prefill chunk, causal over the cache): torch's values, and each query's bits the
+    same as when it attends alone over its own prefix, or within another grouping of the same prompt. The
+    token-granular prompt cache (camelid/prompt_cache.py) rests on this."""
+    from camelid.cache import attention_mask
+
+    B, H, K, E, S, T = 2, 9, 3, 64, 530, 16
+    kc, vc = torch.randn(B, K, S + 9, E), torch.randn(B, K, S + 9, E)
+    q = torch.randn(B, T, H, E)
+    positions = torch.stack([torch.arange(S - T, S), torch.arange(250, 250 + T)])  # row 1 across a chunk boundary
+    mask = attention_mask(positions, S, torch.float32)
+    got = kernels.decode_attention(q, kc[:, :, :S], vc[:, :, :S], mask)
+    assert got.shape == (B, T, H, E)
+    torch.testing.assert_close(got, _torch(q, kc[:, :, :S], vc[:, :, :S], mask), atol=2e-6, rtol=1e-5)
+    for b in range(B):
+        for t, p in enumerate(positions[b].tolist()):
+            alone = kernels.decode_attention(q[b : b + 1, t : t + 1], kc[b : b + 1, :, : p + 1], vc[b : b + 1, :, : p + 1],
+                                             torch.zeros(1, 1, 1, p + 1))
+            assert torch.equal(alone, got[b : b + 1, t : t + 1]), (b, t)
+        for lo, hi in ((0, 5), (5, 6), (6, T)):  # another grouping: chunks of 5, 1 and 10 queries
+            span = int(positions[b, hi - 1]) + 1
+            part = kernels.decode_attention(q[b : b + 1, lo:hi], kc[b : b + 1, :, :span], vc[b : b + 1, :, :span],
+                                            attention_mask(positions[b : b + 1, lo:hi], span, torch.float32))
+            assert torch.equal(part, got[b : b + 1, lo:hi]), (b, lo)
+
+
 def test_the_same_bits_on_one_thread_and_two():
     q, k, v, mask = _case(2, 9, 3, 64, 1500, [1500, 700])
     threads = torch.get_num_threads()

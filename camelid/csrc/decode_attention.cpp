@@ -1,13 +1,16 @@
-// camelid::decode_attention: one query per row over the filled prefix of the KV cache (the compiled decode step).
+// camelid::decode_attention: each query over the filled prefix of the KV cache, one query at a time.
 //
-// q [B,1,H,E], k and v [B,K,S,E] (views of the cache: the first S slots), mask [B,1,1,S] additive -> [B,1,H,E].
+// q [B,T,H,E], k and v [B,K,S,E] (views of the cache: the first S slots), mask [B,1,T,S] additive -> [B,T,H,E].
 // float32; E a multiple of 16 up to 128; G = H/K query heads share a key/value head (grouped-query attention).
+// T is 1 in the compiled decode step; a prefill chunk of T tokens passes all its queries at once (camelid/model.py).
 //
-// Work is split over (row, key/value head, CHUNK slots), so two threads stay busy on one row. Each piece reads its
-// keys and values once for all G query heads and keeps a running maximum, sum and unnormalised output; the pieces
-// are then combined in slot order (the log-sum-exp rule). What a row gets depends only on its own inputs and on the
-// fixed chunk boundaries, never on the threads or on the other rows of the batch: a slot the mask hides adds
-// exactly zero, and a chunk it hides entirely is skipped. So a row decodes bit-identically alone and in a batch.
+// Work is split over (row, query, key/value head, CHUNK slots), so two threads stay busy on one row. Each piece reads
+// its keys and values once for all G query heads and keeps a running maximum, sum and unnormalised output; the pieces
+// are then combined in slot order (the log-sum-exp rule). What a query gets depends only on its own inputs (its row's
+// keys and values, its mask row) and on the fixed chunk boundaries, never on the threads, on the other rows of the
+// batch or on the other queries beside it: a slot the mask hides adds exactly zero, and a chunk it hides entirely is
+// skipped. So a row decodes bit-identically alone and in a batch, and a prompt token's attention (hence its keys and
+// values in the next layer) is the same whichever chunk of the prompt it is computed in: the prompt cache relies on it.
 //
 // Built at run time by camelid/kernels.py with the machine's compiler (-march=native) into the model store.
 #include <ATen/ATen.h>
@@ -126,9 +129,9 @@ void piece(const float* const* qr, const float* kb, const float* vb, const float
 
 template <int E, int G>
 at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, double scale) {
-  const int64_t B = q.size(0), H = q.size(2), K = k.size(1), S = k.size(2);
-  const int64_t nc = (S + CHUNK - 1) / CHUNK, pieces = B * K * nc;
-  auto out = at::empty({B, 1, H, E}, q.options());
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), K = k.size(1), S = k.size(2);
+  const int64_t nc = (S + CHUNK - 1) / CHUNK, pieces = B * T * K * nc;  // stored in the order (b, t, h, c)
+  auto out = at::empty({B, T, H, E}, q.options());
   std::vector<float> pm(pieces * G), pl(pieces * G), po(pieces * G * E);
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
@@ -138,30 +141,33 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(G * CHUNK);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / (K * nc), h = t / nc % K, c = t % nc;
+    for (int64_t w = begin; w < end; ++w) {  // taken in the order (b, h, c, t): a piece's queries one after another,
+      // while its keys and values are in the core's cache
+      const int64_t b = w / (K * nc * T), h = w / (nc * T) % K, c = w / T % nc, t = w % T;
+      const int64_t p = ((b * T + t) * K + h) * nc + c;
       const int64_t s0 = c * CHUNK, n = std::min(S, s0 + CHUNK) - s0;
       const float* qr[G];
-      for (int g = 0; g < G; ++g) qr[g] = qp + b * q.stride(0) + (h * G + g) * q.stride(2);
+      for (int g = 0; g < G; ++g) qr[g] = qp + b * q.stride(0) + t * q.stride(1) + (h * G + g) * q.stride(2);
       piece<E, G>(qr, kp + b * k.stride(0) + h * k.stride(1) + s0 * st.kss, vp + b * v.stride(0) + h * v.stride(1) + s0 * st.vss,
-                  mp + b * mask.stride(0) + s0 * st.mss, st, n, sc, &pm[t * G], &pl[t * G], &po[t * G * E], s.data());
+                  mp + b * mask.stride(0) + t * mask.stride(2) + s0 * st.mss, st, n, sc, &pm[p * G], &pl[p * G],
+                  &po[p * G * E], s.data());
     }
   });
   float* op = out.data_ptr<float>();
-  for (int64_t bh = 0; bh < B * H; ++bh) {  // combine each query's pieces in slot order
-    const int64_t b = bh / H, h = bh % H / G, g = bh % H % G, first = (b * K + h) * nc;
+  for (int64_t bth = 0; bth < B * T * H; ++bth) {  // combine each query's pieces in slot order
+    const int64_t bt = bth / H, h = bth % H / G, g = bth % H % G, first = (bt * K + h) * nc;
     float top = NEG_INF;
     for (int64_t c = 0; c < nc; ++c) top = std::max(top, pm[(first + c) * G + g]);
     float total = 0.f, acc[E] = {};
     for (int64_t c = 0; c < nc; ++c) {
-      const int64_t t = first + c;
-      if (pm[t * G + g] == NEG_INF) continue;
-      const float w = std::exp(pm[t * G + g] - top);
-      total += w * pl[t * G + g];
-      const float* oc = &po[(t * G + g) * E];
+      const int64_t p = first + c;
+      if (pm[p * G + g] == NEG_INF) continue;
+      const float w = std::exp(pm[p * G + g] - top);
+      total += w * pl[p * G + g];
+      const float* oc = &po[(p * G + g) * E];
       for (int e = 0; e < E; ++e) acc[e] += w * oc[e];
     }
-    for (int e = 0; e < E; ++e) op[bh * E + e] = acc[e] / total;
+    for (int e = 0; e < E; ++e) op[bth * E + e] = acc[e] / total;
   }
   return out;
 }
@@ -199,10 +205,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 4, "decode_attention: 4-d inputs");
   for (const at::Tensor* t : {&q, &k, &v, &mask})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), "decode_attention: float32 CPU tensors");
-  const int64_t B = q.size(0), H = q.size(2), E = q.size(3), K = k.size(1), S = k.size(2);
-  TORCH_CHECK(q.size(1) == 1 && K > 0 && H % K == 0, "decode_attention: q [B,1,H,E] with H a multiple of k's heads");
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), E = q.size(3), K = k.size(1), S = k.size(2);
+  TORCH_CHECK(T > 0 && K > 0 && H % K == 0, "decode_attention: q [B,T,H,E] with H a multiple of k's heads");
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == E, "decode_attention: k, v [B,K,S,E]");
-  TORCH_CHECK(mask.size(0) == B && mask.size(1) == 1 && mask.size(2) == 1 && mask.size(3) == S, "decode_attention: mask [B,1,1,S]");
+  TORCH_CHECK(mask.size(0) == B && mask.size(1) == 1 && mask.size(2) == T && mask.size(3) == S, "decode_attention: mask [B,1,T,S]");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: E contiguous");
   const Fn fn = pick(E, H / K);
   TORCH_CHECK(fn != nullptr, "decode_attention: head size ", E, " with ", H / K, " query heads per key head is not built");
