@@ -43,7 +43,8 @@ class LLM:
         self.config = checkpoint.config
         self.chat_template, self.chat_template_source = chat_mod.template_for(self.tokenizer)
         # the key names everything that changes the numbers: weights, how they run, the adapter
-        self.prompt_cache = PromptCache(BlockStore(mb_to_bytes(cache_mb)), cache_key or f"{checkpoint.path}|{id(model)}")
+        self.prompt_cache = PromptCache(BlockStore(mb_to_bytes(cache_mb)),
+                                        cache_key or f"{checkpoint.path}|{id(model)}").bind(model)
 
     # --- prompts ---
     def encode_prompt(self, prompt: str) -> list[int]:

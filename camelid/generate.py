@@ -68,7 +68,8 @@ def generate(model: torch.nn.Module, requests: Sequence[Request],
     """Continue every request together. Each step yields one new id per row, or None for a finished row.
 
     prompt_cache: reuse the KV of earlier prompts' chunks (exact: the output is the same without it); each
-    request's `cached` is set to the prompt tokens it restored.
+    request's `cached` is set to the prompt tokens it restored. Where the cache is `granular` and decoding runs
+    eagerly, the replies are kept too, so the next turn of a chat reuses them.
 
     A row ends at one of its stop ids (which is yielded) or after max_tokens. Rows of different
     prompt lengths give the same greedy tokens as they would alone.
@@ -109,6 +110,9 @@ def generate(model: torch.nn.Module, requests: Sequence[Request],
             step.append(tok)
             if tok in r.stop_ids or len(generated[b]) >= budgets[b]:
                 done[b] = True
+        if all(done) and prompt_cache is not None and step_fn is None:  # before the last yield: a caller stops there
+            for b, r in enumerate(requests):  # eager decoding computed the replies as prefill would (but the last
+                prompt_cache.keep(cache, b, [*r.prompt, *generated[b][:-1]], len(r.prompt))  # token, never fed)
         yield step
         if all(done):
             return

@@ -6,8 +6,18 @@ Exactness comes from one rule: a prompt is always prefilled in the same chunks, 
 A chunk's keys and values are a function of its tokens and of everything before it (the forward of a
 chunk of T tokens at positions p..p+T-1 over the cached prefix), so a chunk copied from the cache holds
 exactly the numbers the cache-off run would compute: reuse cannot change the output. (Reusing *any* prefix
-at token granularity would not be exact here: the quantized kernels' results depend on how many rows they
-multiply at once, so a token's KV computed in a chunk of 24 differs from the same token's in a chunk of 44.)
+at token granularity is not exact in general: dense products' and torch's attention's results depend on how
+many rows they take at once, so a token's KV computed in a chunk of 24 differs from the same token's in a
+chunk of 44.)
+
+Token granularity where it is exact (`granular`): on the quantized fast path with camelid's attention kernel
+(camelid/kernels.py), a chunk of fewer than 128 tokens computes every token on its own (the int4/int8 kernels
+multiply row by row, the attention kernel takes each query alone), so in the small chunks' region a token's KV
+depends on the tokens up to it and nothing else. `rows_independent` checks that on the model itself, once per
+model: the same prompt prefilled in two different groupings must give the same bits in every layer. Then the
+last, partial small chunk of a prompt is kept too, and a later prompt reuses its longest cached prefix to the
+token (within the small chunks; a big chunk is still reused whole or not at all), so a chat turn prefills only
+its new tokens.
 
 A chunk's key is a hash chain: blake2b(parent key, its tokens), starting from a root that names everything
 else that changes the numbers: the model (file, quantization), the adapter and the request's cache salt.
@@ -20,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import weakref
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -53,6 +64,10 @@ def chunk_key(parent: bytes, tokens: Sequence[int]) -> bytes:
 class Block:
     kv: torch.Tensor  # [layers, 2, K, T, E]: the keys and values of one chunk
     owner: str  # what made it (a model's name), so a model's blocks go when it is unloaded
+    # a small chunk kept to the token (`granular`): its chain key's parent and its tokens, so that a prompt that
+    # shares only part of it finds it (BlockStore.children) and reuses that part
+    parent: bytes | None = None
+    tokens: tuple[int, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -69,6 +84,7 @@ class BlockStore:
         self.hits = self.misses = self.evictions = 0  # requests that reused something / nothing; blocks evicted
         self.hit_tokens = 0
         self.running: dict[object, int] = {}  # KV bytes the running requests hold, per engine (reserve())
+        self.under: dict[bytes, set[bytes]] = {}  # parent key -> the keys of its granular children
         self.lock = threading.Lock()
 
     @property
@@ -92,9 +108,22 @@ class BlockStore:
 
     def _evict_to(self, limit: int) -> None:
         while self.blocks and self.bytes > limit:
-            _, old = self.blocks.popitem(last=False)
-            self.bytes -= old.nbytes
+            key, old = self.blocks.popitem(last=False)
+            self._forget(key, old)
             self.evictions += 1
+
+    def _forget(self, key: bytes, old: Block) -> None:
+        self.bytes -= old.nbytes
+        if old.parent is not None:
+            siblings = self.under.get(old.parent, set())
+            siblings.discard(key)
+            if not siblings:
+                self.under.pop(old.parent, None)
+
+    def children(self, parent: bytes) -> list[tuple[bytes, tuple[int, ...]]]:
+        """The granular chunks kept right after `parent`: (key, tokens) each."""
+        with self.lock:
+            return [(k, self.blocks[k].tokens) for k in self.under.get(parent, ())]
 
     def get(self, key: bytes) -> Block | None:
         with self.lock:
@@ -113,12 +142,14 @@ class BlockStore:
             self._evict_to(self.room - block.nbytes)
             self.blocks[key] = block
             self.bytes += block.nbytes
+            if block.parent is not None:
+                self.under.setdefault(block.parent, set()).add(key)
 
     def drop_owner(self, owner: str) -> None:
         """Forget every block a model made (it was unloaded)."""
         with self.lock:
             for key in [k for k, b in self.blocks.items() if b.owner == owner]:
-                self.bytes -= self.blocks.pop(key).nbytes
+                self._forget(key, self.blocks.pop(key))
 
     def count(self, reused_tokens: int) -> None:
         with self.lock:
@@ -136,6 +167,39 @@ def by_position(cache: KVCache) -> bool:
     return len({k.shape[2] for k in cache.k}) == 1
 
 
+_independent: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # rows_independent's answers, per model
+
+
+def rows_independent(model: torch.nn.Module) -> bool:
+    """Whether the model computes each token of a small prefill chunk independently of the chunk (its keys and
+    values the same whichever tokens share its chunk): tried once per model on a random prompt prefilled in two
+    groupings, compared bit for bit in every layer. Only the fast path with camelid's attention kernel can pass
+    (elsewhere the answer is no without trying)."""
+    layers = getattr(model, "layers", ())
+    flags = tuple(getattr(layer.attention, "kernel", False) for layer in layers)
+    known = _independent.get(model)
+    if known is not None and known[0] == flags:  # tried already, attending the same way
+        return known[1]
+    if not layers or not all(flags):
+        _independent[model] = (flags, False)
+        return False
+    cfg = model.config
+    n = 12  # tokens: [12] against [5, 1, 6]
+    tokens = torch.randint(cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(0)).to(model.device)
+    caches = []
+    with torch.inference_mode():
+        for cuts in ((0, n), (0, 5, 6, n)):
+            cache = KVCache.for_model(model, 1, n)
+            for start, end in zip(cuts, cuts[1:]):
+                positions = torch.arange(start, end, device=model.device)[None]
+                model(tokens[:, start:end], positions, cache, logits_at=torch.tensor([end - start - 1]))
+            caches.append(cache)
+    a, b = caches
+    same = all(torch.equal(x, y) for x, y in zip(a.k + a.v, b.k + b.v, strict=True))
+    _independent[model] = (flags, same)
+    return same
+
+
 class PromptCache:
     """One model's view of a BlockStore: its root keys, and copying chunks between the store and a KV cache row."""
 
@@ -143,6 +207,12 @@ class PromptCache:
         if big % small:
             raise ValueError(f"the big prefill chunk ({big}) must be a multiple of the small one ({small})")
         self.store, self.model_key, self.big, self.small = store, model_key, big, small
+        self.granular = False  # reuse to the token within the small chunks (bind())
+
+    def bind(self, model: torch.nn.Module) -> PromptCache:
+        """Reuse to the token when the model computes the small chunks' tokens independently (rows_independent)."""
+        self.granular = rows_independent(model)
+        return self
 
     @property
     def enabled(self) -> bool:
@@ -152,7 +222,15 @@ class PromptCache:
         return next_chunk(pos, length, self.big, self.small)
 
     def root(self, adapter: str | None = None, salt: str | None = None) -> bytes:
-        return root_key(self.model_key, adapter, salt)
+        return root_key(self.model_key, adapter, salt, self.granular)
+
+    def _granular(self, adapter: str | None) -> bool:
+        """To the token for this request: not with a served adapter (its LoRA products are not checked row by row)."""
+        return self.granular and adapter is None
+
+    def _boundary(self, pos: int) -> int:
+        """The start of the schedule's chunk holding `pos` (a small one: partial reuse happens only there)."""
+        return pos - pos % self.small
 
     def is_whole(self, start: int, end: int) -> bool:
         """Whether [start, end) is a whole chunk of the schedule (only those are kept: a partial last chunk
@@ -161,38 +239,66 @@ class PromptCache:
 
     def restore(self, cache: KVCache, row: int, tokens: Sequence[int], adapter: str | None = None,
                 salt: str | None = None, compute_last: bool = True) -> tuple[int, bytes]:
-        """Copy the longest cached chain of `tokens`' chunks (made with this adapter and salt) into row `row`.
+        """Copy the longest cached chain of `tokens`' chunks (made with this adapter and salt) into row `row`; with
+        `granular`, then the longest cached part of the next small chunk.
 
-        Returns (tokens restored, the chain key at that point). With compute_last, the chunk holding the last
-        token is never restored (its logits are needed)."""
+        Returns (tokens restored, the chain key at the start of the chunk that holds the next token to compute).
+        With compute_last, the last token is never restored (its logits are needed)."""
         pos, key = 0, self.root(adapter, salt)
         if not self.enabled or not by_position(cache):
             return 0, key
-        while pos < len(tokens):
+        limit = len(tokens) - 1 if compute_last else len(tokens)
+        while pos < limit:
             end = self.next_chunk(pos, len(tokens))
-            if compute_last and end == len(tokens):
-                break
-            child = chunk_key(key, tokens[pos:end])
-            block = self.store.get(child)
+            child = chunk_key(key, tokens[pos:end]) if end <= limit else None
+            block = self.store.get(child) if child is not None else None
+            if block is None and self._granular(adapter) and end - pos <= self.small:
+                # to the token: the kept chunk here that shares the most of what comes next, and that much of it
+                want, best, take = tokens[pos : min(end, limit)], None, 0
+                for child_key, have in self.store.children(key):
+                    n = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b), min(len(want), len(have)))
+                    if n > take:
+                        best, take = child_key, n
+                block = self.store.get(best) if best is not None else None
+                if block is not None:
+                    self._copy_in(cache, row, pos, pos + take, block)
+                    return pos + take, key
             if block is None:
                 break
-            for layer, (k, v) in enumerate(zip(cache.k, cache.v, strict=True)):
-                k[row, :, pos:end].copy_(block.kv[layer, 0])
-                v[row, :, pos:end].copy_(block.kv[layer, 1])
+            self._copy_in(cache, row, pos, end, block)
             pos, key = end, child
         return pos, key
 
-    def save(self, cache: KVCache, row: int, tokens: Sequence[int], start: int, end: int, parent: bytes) -> bytes:
-        """Keep the chunk [start, end) of row `row` (just computed) if it is a whole chunk; its chain key."""
-        key = chunk_key(parent, tokens[start:end])
-        if self.enabled and by_position(cache) and self.is_whole(start, end) and self.store.get(key) is None:
-            kv = torch.stack([torch.stack([k[row, :, start:end], v[row, :, start:end]])
-                              for k, v in zip(cache.k, cache.v, strict=True)])
-            self.store.put(key, Block(kv, self.model_key))
-        return key
+    @staticmethod
+    def _copy_in(cache: KVCache, row: int, start: int, end: int, block: Block) -> None:
+        """The block's first end - start positions into slots start..end-1 of the row."""
+        n = end - start
+        for layer, (k, v) in enumerate(zip(cache.k, cache.v, strict=True)):
+            k[row, :, start:end].copy_(block.kv[layer, 0, :, :n])
+            v[row, :, start:end].copy_(block.kv[layer, 1, :, :n])
 
-    def reusable_end(self, length: int) -> int:
-        """The end of the last whole chunk of a sequence of `length` tokens (what a fill after a reply keeps)."""
+    def save(self, cache: KVCache, row: int, tokens: Sequence[int], start: int, end: int, parent: bytes,
+             adapter: str | None = None) -> bytes:
+        """Keep the chunk that [start, end) (just computed) ends, if it is a whole chunk of the schedule, or with
+        `granular` its partial last one (then from its chunk's start: `parent` is the chain key there, as restore
+        returns it). Returns the chain key for the next chunk."""
+        first = start if self.is_whole(start, end) or not self._granular(adapter) else self._boundary(start)
+        key = chunk_key(parent, tokens[first:end])
+        whole = self.is_whole(first, end)
+        if (self.enabled and by_position(cache) and (whole or self._granular(adapter))
+                and self.store.get(key) is None):
+            kv = torch.stack([torch.stack([k[row, :, first:end], v[row, :, first:end]])
+                              for k, v in zip(cache.k, cache.v, strict=True)])
+            small = self._granular(adapter) and end - first <= self.small
+            self.store.put(key, Block(kv, self.model_key, parent if small else None,
+                                      tuple(tokens[first:end]) if small else ()))
+        return key if whole else parent
+
+    def reusable_end(self, length: int, adapter: str | None = None) -> int:
+        """How much of a sequence of `length` tokens a fill after a reply keeps: all of it with `granular`, else the
+        end of its last whole chunk."""
+        if self._granular(adapter):
+            return length
         pos = last = 0
         while pos < length:
             end = self.next_chunk(pos, length)
@@ -200,6 +306,23 @@ class PromptCache:
                 last = end
             pos = end
         return last
+
+    def keep(self, cache: KVCache, row: int, tokens: Sequence[int], start: int, salt: str | None = None) -> int:
+        """Keep the chunks of row `row` past position `start` (`tokens` all computed in the cache row, the same
+        way a prefill computes them: a decoded reply on the eager path, with `granular`), without computing
+        anything. Only where the whole sequence's schedule chunks the part before `start` as the row was
+        computed (no new big chunk). Returns the tokens kept in all (0 when none)."""
+        if not (self.enabled and self.granular and by_position(cache)) or len(tokens) <= start:
+            return 0
+        if len(tokens) // self.big > start // self.big:  # a big chunk now covers what small ones computed
+            return 0
+        pos, key = 0, self.root(None, salt)
+        while pos < len(tokens):
+            end = self.next_chunk(pos, len(tokens))
+            # from the chunk that holds `start` on (save() keeps it from its own start), the prompt's chain before
+            key = self.save(cache, row, tokens, max(pos, start), end, key) if end > start else chunk_key(key, tokens[pos:end])
+            pos = end
+        return len(tokens)
 
 
 def mb_to_bytes(mb: float) -> int:

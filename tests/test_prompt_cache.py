@@ -9,7 +9,7 @@ import torch
 from conftest import Collector
 
 from camelid.cache import KVCache
-from camelid.prompt_cache import Block, BlockStore, PromptCache, next_chunk
+from camelid.prompt_cache import Block, BlockStore, PromptCache, chunk_key, next_chunk, rows_independent
 from camelid.sampling import GREEDY
 from camelid.serve.engine import Engine, make_sequence
 
@@ -88,6 +88,77 @@ def test_salt_adapter_and_model_keep_chains_apart():
     assert pc.restore(fresh, 0, tokens[:32], None, "alice")[0] == 0
 
 
+def _filled(length: int) -> KVCache:
+    """A one-row cache whose slot p holds p + 1 everywhere (so what a restore copied can be read back)."""
+    cache = KVCache.allocate(2, 1, 128, 1, 4)
+    for t in cache.k + cache.v:
+        t[0] = (torch.arange(128, dtype=torch.float32) + 1)[None, :, None]
+    return cache
+
+
+def test_granular_reuse_goes_to_the_token_in_the_small_chunks_only():
+    """With `granular`, a prompt's partial last small chunk is kept and a longer prompt restores it, then keeps its
+    own whole chunk under the key a cold run's chunk has; a big chunk is still all or nothing; a served adapter's
+    rows keep to whole chunks."""
+    store = BlockStore(1 << 30)
+    pc = PromptCache(store, "m", 32, 8)
+    pc.granular = True
+    tokens = list(range(100, 170))  # chunks [0,32) big, then small ones of 8
+    src = _filled(70)
+    key = pc.save(src, 0, tokens, 0, 32, pc.root())  # a whole big chunk
+    assert pc.save(src, 0, tokens, 32, 40, key) == chunk_key(key, tokens[32:40])  # a whole small one
+    k40 = chunk_key(key, tokens[32:40])
+    assert pc.save(src, 0, tokens[:45], 40, 45, k40) == k40  # the prompt's partial last chunk: kept, the key stays
+    assert store.get(chunk_key(k40, tokens[40:45])) is not None
+
+    fresh = KVCache.allocate(2, 1, 128, 1, 4)
+    pos, at = pc.restore(fresh, 0, tokens[:60])  # a longer prompt: 32 + 8, then 5 of the next chunk
+    assert (pos, at) == (45, k40)
+    assert torch.equal(fresh.k[1][0, 0, :45, 0], torch.arange(45, dtype=torch.float32) + 1)
+    assert pc.restore(fresh, 0, tokens[:45])[0] == 44  # the last token is computed, the rest restored
+    assert pc.restore(fresh, 0, tokens[:45], compute_last=False)[0] == 45
+    assert pc.restore(fresh, 0, tokens[:43] + [1, 2, 3])[0] == 43  # a prompt that differs at 43: the part it shares
+    # computing [45, 48) after that restore keeps the whole chunk [40, 48), under the cold run's key
+    assert pc.save(src, 0, tokens[:60], 45, 48, at) == chunk_key(k40, tokens[40:48])
+    assert store.get(chunk_key(k40, tokens[40:48])) is not None
+    assert pc.restore(fresh, 0, tokens[:60])[0] == 48
+
+    short = PromptCache(BlockStore(1 << 30), "m", 32, 8)
+    short.granular = True
+    short.save(src, 0, tokens[:20], 0, 8, short.root())
+    k8 = chunk_key(short.root(), tokens[:8])
+    short.save(src, 0, tokens[:20], 16, 20, chunk_key(k8, tokens[8:16]))  # a prompt of 20: small chunks only
+    short.save(src, 0, tokens[:20], 8, 16, k8)
+    assert short.restore(fresh, 0, tokens[:20])[0] == 19
+    assert short.restore(fresh, 0, tokens[:40])[0] == 0  # at 40 tokens [0,32) is a big chunk: computed whole
+    assert short.restore(fresh, 0, tokens[:20], adapter="tuned")[0] == 0  # another chain, and whole chunks only
+
+    off = PromptCache(BlockStore(1 << 30), "m", 32, 8)  # not granular: partial chunks are neither kept nor reused
+    key = off.save(src, 0, tokens, 0, 32, off.root())
+    off.save(src, 0, tokens[:45], 32, 40, key)
+    off.save(src, 0, tokens[:45], 40, 45, chunk_key(key, tokens[32:40]))
+    assert off.restore(fresh, 0, tokens[:60])[0] == 40 and off.reusable_end(45) == 40 and pc.reusable_end(45) == 45
+    assert off.root() != pc.root()  # blocks made one way are never read the other way
+
+
+def test_rows_independent_on_the_fast_path_with_the_attention_kernel(fast, default_model_path):
+    """Whether small prefill chunks compute each token on their own is tried on the model: yes on the quantized fast
+    path with camelid's attention kernel (where it is built), no with torch's attention or the float32 reference."""
+    from camelid import kernels
+    from camelid.formats import read
+    from camelid.loader import build_model
+
+    if not kernels.available():
+        pytest.skip("camelid's attention kernel is not built here (no C++ compiler)")
+    assert rows_independent(fast.model) and all(layer.attention.kernel for layer in fast.model.layers)
+    assert not rows_independent(build_model(read(default_model_path)))  # the float32 reference: torch's attention
+    torchs = build_model(read(default_model_path), quant="auto")
+    for layer in torchs.layers:
+        layer.attention.kernel = False
+    assert not rows_independent(torchs)
+    assert not PromptCache(BlockStore(1 << 20), "m").bind(torchs).granular
+
+
 def run(engine, prompts, max_tokens, stop_ids, together=True, salt=None):
     """Greedy outputs and the cached prompt tokens of each prompt."""
     outs = []
@@ -116,8 +187,24 @@ def questions(tok, n=16):  # issue 17 names 16 prompts
     return [tok.encode(f"{system}Question {i}: what is {i} times {i + 3}? Answer:", bos=True) for i in range(n)]
 
 
+@pytest.fixture(scope="module")
+def chunked(default_model_path):
+    """The fast path with torch's attention: reuse goes by whole chunks."""
+    import camelid
+
+    llm = camelid.load(default_model_path)
+    for layer in llm.model.layers:
+        layer.attention.kernel = False
+    llm.prompt_cache.bind(llm.model)
+    return llm
+
+
 @pytest.mark.slow
-def test_greedy_is_byte_identical_cache_off_cold_warm_and_concurrent(fast):
+@pytest.mark.parametrize("granular", [True, False], ids=["to-the-token", "whole-chunks"])
+def test_greedy_is_byte_identical_cache_off_cold_warm_and_concurrent(granular, request):
+    fast = request.getfixturevalue("fast" if granular else "chunked")
+    if granular and not rows_independent(fast.model):
+        pytest.skip("camelid's attention kernel is not built here: reuse goes by whole chunks")
     tok = fast.tokenizer
     prompts = questions(tok)
     assert len(prompts[0]) > 64  # past a whole big chunk (64 here) and several small ones
@@ -146,6 +233,10 @@ def test_greedy_is_byte_identical_cache_off_cold_warm_and_concurrent(fast):
     assert min(warm_cached) >= 64 and min(conc_cached) >= 64
     assert salted_cached[0] == 0 and salted_cached[1] >= 64  # the salt's own chain, never the others'
     assert store.hits > 0 and store.misses >= 2 and store.bytes <= store.capacity
+    assert on.prompt_cache.granular == granular
+    if granular:  # the shared system prompt to its last token, whatever chunk it ends in
+        shared = next(i for i, (a, b) in enumerate(zip(prompts[0], prompts[1], strict=False)) if a != b)
+        assert min(warm_cached) >= shared and min(cold_cached[1:]) >= shared
 
 
 @pytest.mark.slow
@@ -159,14 +250,16 @@ def test_api_chat_turns_reuse_the_previous_turns_and_answer_the_same(fast, defau
     for text in turns:
         history.append({"role": "user", "content": text})
         ids = fast.encode_chat(history)
-        got = fast.start(ids, max_tokens=10, sampling=GREEDY).run()
-        want = plain.start(ids, max_tokens=10, sampling=GREEDY).run()
+        got = fast.start(ids, max_tokens=20, sampling=GREEDY).run()
+        want = plain.start(ids, max_tokens=20, sampling=GREEDY).run()
         assert got.token_ids == want.token_ids and want.cached_tokens == 0
-        cached.append((got.cached_tokens, len(ids)))
+        cached.append((got.cached_tokens, len(ids), len(got.token_ids)))
         history.append({"role": "assistant", "content": got.text})
-    # every later turn restores all but the tail of the previous prompt (its last, partial, small chunk)
-    for (now, _), (_, before) in zip(cached[1:], cached[:-1]):
-        assert now >= before - 16 and now > 0
+    for (now, length, _), (_, before, answer) in zip(cached[1:], cached[:-1]):
+        if fast.prompt_cache.granular:  # the previous prompt and answer, to the token: the turn's new tokens + <= 8
+            assert length - now <= (length - before - answer) + 8 and now > before
+        else:  # all but the tail of the previous prompt (its last, partial, small chunk)
+            assert now >= before - 16 and now > 0
 
 
 @pytest.mark.slow
@@ -286,5 +379,7 @@ def test_a_reply_is_filled_back_in_only_once_the_engine_has_been_idle(fast, monk
         assert len(store) > before  # the reply's whole chunks are kept
         (_,), (hit,) = run(on, [prompt + reply + tok.encode(" And then?")], 4, tok.stop_ids)
         assert hit >= (len(prompt) + len(reply)) // 16 * 16 - 16
+        if on.prompt_cache.granular:  # to the token: the whole prompt and reply
+            assert hit == len(prompt) + len(reply)
     finally:
         on.stop()

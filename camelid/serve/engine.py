@@ -117,6 +117,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         # off (a store of 0 bytes) still prefills by the same schedule: the cache never changes the numbers
         self.prompt_cache = prompt_cache or PromptCache(BlockStore(0), "", prefill_chunk, min(SMALL_CHUNK, prefill_chunk))
+        self.prompt_cache.bind(model)  # to the token where the model computes small chunks' tokens independently
         self._fills: deque[tuple[list[int], str | None, str | None]] = deque(maxlen=max_concurrency)
         self._finished_at = 0.0  # time.monotonic() of the last row's end: fills wait for FILL_DELAY of idleness
         self.device = model.device
@@ -281,8 +282,8 @@ class Engine:
             s.slot, s.drafter = -1, None  # the draft's KV cache goes with the row
             if event.reason in ("stop", "length") and not s.background and self.prompt_cache.enabled:
                 tokens = s.prompt + s.generated
-                end = self.prompt_cache.reusable_end(len(tokens))
-                if end > self.prompt_cache.reusable_end(len(s.prompt)):
+                end = self.prompt_cache.reusable_end(len(tokens), s.adapter)
+                if end > self.prompt_cache.reusable_end(len(s.prompt), s.adapter):
                     self._fills.append((tokens[:end], s.adapter, s.salt))
             s.emit(event)
         self._reserve()
@@ -415,7 +416,7 @@ class Engine:
             logits = every[-1]
         else:
             logits = self.model(tokens, positions, self.cache.view(b, b + 1), logits_at=at)[0, -1].float().cpu()
-        s.chain = pc.save(self.cache, b, s.prompt, start, end, s.chain)
+        s.chain = pc.save(self.cache, b, s.prompt, start, end, s.chain, s.adapter)
         s.pos = end
         if end == len(s.prompt):
             if s.background:
