@@ -52,8 +52,8 @@ def _sampling(args: argparse.Namespace, model_path: Path):
                           frequency_penalty=args.frequency_penalty, seed=args.seed)
 
 
-def _load(model: str | None, args: argparse.Namespace, sampling: bool = True):
-    """(LLM, SamplingParams or None); sampling values are checked before the slow load."""
+def _load(model: str | None, args: argparse.Namespace, sampling: bool = True, **options):
+    """(LLM, SamplingParams or None); sampling values are checked before the slow load. options go to camelid.load."""
     import torch
 
     from .api import load
@@ -67,7 +67,7 @@ def _load(model: str | None, args: argparse.Namespace, sampling: bool = True):
         if args.threads < 1:
             raise CamelidError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    return load(path, quant=_quant(args), adapter=getattr(args, "adapter", None)), params
+    return load(path, quant=_quant(args), adapter=getattr(args, "adapter", None), **options), params
 
 
 def _drafter(args: argparse.Namespace, llm):
@@ -144,7 +144,7 @@ def cmd_rm(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     model, prompt = _model_and(args.args, "PROMPT")
-    llm, sampling = _load(_resolve_positional(model, prompt, "PROMPT"), args)
+    llm, sampling = _load(_resolve_positional(model, prompt, "PROMPT"), args, cache_mb=0)  # one prompt: nothing to reuse
     options = dict(max_tokens=args.max_tokens, sampling=sampling, stop=args.stop or (), speculate=_drafter(args, llm))
     if args.raw:
         generation = llm.start(llm.encode_prompt(prompt), **options)

@@ -207,12 +207,25 @@ class PromptCache:
         if big % small:
             raise ValueError(f"the big prefill chunk ({big}) must be a multiple of the small one ({small})")
         self.store, self.model_key, self.big, self.small = store, model_key, big, small
-        self.granular = False  # reuse to the token within the small chunks (bind())
+        self._granular: bool | None = False  # reuse to the token within the small chunks (bind()); None: not tried yet
+        self._model: weakref.ref | None = None
 
     def bind(self, model: torch.nn.Module) -> PromptCache:
-        """Reuse to the token when the model computes the small chunks' tokens independently (rows_independent)."""
-        self.granular = rows_independent(model)
+        """Reuse to the token when the model computes the small chunks' tokens independently (rows_independent),
+        tried when first needed: never for a cache that is off (its requests neither reuse nor keep anything)."""
+        self._model, self._granular = weakref.ref(model), None
         return self
+
+    @property
+    def granular(self) -> bool:
+        if self._granular is None:
+            model = self._model() if self._model is not None else None
+            self._granular = model is not None and rows_independent(model)
+        return self._granular
+
+    @granular.setter
+    def granular(self, value: bool) -> None:
+        self._granular = value
 
     @property
     def enabled(self) -> bool:
@@ -222,9 +235,9 @@ class PromptCache:
         return next_chunk(pos, length, self.big, self.small)
 
     def root(self, adapter: str | None = None, salt: str | None = None) -> bytes:
-        return root_key(self.model_key, adapter, salt, self.granular)
+        return root_key(self.model_key, adapter, salt, self.enabled and self.granular)
 
-    def _granular(self, adapter: str | None) -> bool:
+    def _to_token(self, adapter: str | None) -> bool:
         """To the token for this request: not with a served adapter (its LoRA products are not checked row by row)."""
         return self.granular and adapter is None
 
@@ -252,7 +265,7 @@ class PromptCache:
             end = self.next_chunk(pos, len(tokens))
             child = chunk_key(key, tokens[pos:end]) if end <= limit else None
             block = self.store.get(child) if child is not None else None
-            if block is None and self._granular(adapter) and end - pos <= self.small:
+            if block is None and self._to_token(adapter) and end - pos <= self.small:
                 # to the token: the kept chunk here that shares the most of what comes next, and that much of it
                 want, best, take = tokens[pos : min(end, limit)], None, 0
                 for child_key, have in self.store.children(key):
@@ -282,14 +295,14 @@ class PromptCache:
         """Keep the chunk that [start, end) (just computed) ends, if it is a whole chunk of the schedule, or with
         `granular` its partial last one (then from its chunk's start: `parent` is the chain key there, as restore
         returns it). Returns the chain key for the next chunk."""
-        first = start if self.is_whole(start, end) or not self._granular(adapter) else self._boundary(start)
+        granular = self.enabled and self._to_token(adapter)
+        first = start if self.is_whole(start, end) or not granular else self._boundary(start)
         key = chunk_key(parent, tokens[first:end])
         whole = self.is_whole(first, end)
-        if (self.enabled and by_position(cache) and (whole or self._granular(adapter))
-                and self.store.get(key) is None):
+        if self.enabled and by_position(cache) and (whole or granular) and self.store.get(key) is None:
             kv = torch.stack([torch.stack([k[row, :, first:end], v[row, :, first:end]])
                               for k, v in zip(cache.k, cache.v, strict=True)])
-            small = self._granular(adapter) and end - first <= self.small
+            small = granular and end - first <= self.small
             self.store.put(key, Block(kv, self.model_key, parent if small else None,
                                       tuple(tokens[first:end]) if small else ()))
         return key if whole else parent
@@ -297,7 +310,7 @@ class PromptCache:
     def reusable_end(self, length: int, adapter: str | None = None) -> int:
         """How much of a sequence of `length` tokens a fill after a reply keeps: all of it with `granular`, else the
         end of its last whole chunk."""
-        if self._granular(adapter):
+        if self.enabled and self._to_token(adapter):
             return length
         pos = last = 0
         while pos < length:

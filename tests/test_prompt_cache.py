@@ -157,6 +157,16 @@ def test_rows_independent_on_the_fast_path_with_the_attention_kernel(fast, defau
         layer.attention.kernel = False
     assert not rows_independent(torchs)
     assert not PromptCache(BlockStore(1 << 20), "m").bind(torchs).granular
+    # tried only when first needed, and never for a cache that is off (`camelid run`, --cache-mb 0)
+    from camelid import prompt_cache
+
+    unseen = build_model(read(default_model_path), quant="auto")
+    off = PromptCache(BlockStore(0), "m").bind(unseen)
+    cache = KVCache.for_model(unseen, 1, 32)
+    assert off.restore(cache, 0, list(range(20)))[0] == 0
+    off.save(cache, 0, list(range(20)), 0, 16, off.root())
+    assert off.reusable_end(20) == 16 and unseen not in prompt_cache._independent
+    assert PromptCache(BlockStore(1 << 20), "m").bind(unseen).granular and unseen in prompt_cache._independent
 
 
 def run(engine, prompts, max_tokens, stop_ids, together=True, salt=None):
