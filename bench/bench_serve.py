@@ -231,9 +231,14 @@ def prompt_cache_main(gguf: str, args) -> None:
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
     results: dict = {"prefix": {}, "turns": {}, "throughput": {}}
-    servers = [("camelid cache on", ["--cache-mb", "1024"]), ("camelid cache off", ["--cache-mb", "0"])]
-    for name, flags in servers:
-        with serving(camelid_server(gguf, "--max-concurrency", "8", "--max-seq-len", "2048", *flags), env) as base:
+    # reuse goes to the token where camelid's attention kernel is built (camelid/prompt_cache.py); the last two
+    # servers go without it (CAMELID_KERNELS=0: torch's attention, whole chunks), for the same-run comparison
+    servers = [("camelid cache on", ["--cache-mb", "1024"], {}), ("camelid cache off", ["--cache-mb", "0"], {}),
+               ("camelid cache on, whole chunks", ["--cache-mb", "1024"], {"CAMELID_KERNELS": "0"}),
+               ("camelid cache off, torch's attention", ["--cache-mb", "0"], {"CAMELID_KERNELS": "0"})]
+    for name, flags, extra in servers:
+        with serving(camelid_server(gguf, "--max-concurrency", "8", "--max-seq-len", "2048", *flags),
+                     {**env, **extra}) as base:
             pc.throughput(base, "m", 2, 4)  # warm up
             results["prefix"][name] = pc.shared_prefix(base, "m")
             results["turns"][name] = pc.chat_turns(base, "m")
