@@ -108,15 +108,22 @@ def load(build_missing: bool = False) -> bool:
     return True
 
 
-def available() -> bool:
-    """Whether the eager fast path attends with the kernel in this process: when the library is already built (by
-    `camelid compile`, or the tests), never building it here. Decided once per process, at the first call, so that
-    every model of a process computes its attention one way from start to end (a library built later in the process,
-    by a background compile, is used from the next process on). CAMELID_KERNELS=0 turns it off."""
+def available(build_missing: bool = False) -> bool:
+    """Whether the eager fast path attends with the kernel in this process: when the library is built (by
+    `camelid compile`, `camelid serve` or the tests). Decided once per process, at the first call, so that every
+    model of a process computes its attention one way from start to end (a library built later in the process, by a
+    background compile, is used from the next process on). build_missing (the server, at start): build it first when
+    it is missing, or say in one line why it cannot be. CAMELID_KERNELS=0 turns it off."""
     global _available
     if _available is None:
         try:
-            _available = os.environ.get("CAMELID_KERNELS") != "0" and load(build_missing=False)
+            _available = os.environ.get("CAMELID_KERNELS") != "0" and load(build_missing=build_missing)
+        except KernelError as e:
+            import sys
+
+            print(f"camelid: warning: {e}; attention stays torch's and the prompt cache reuses whole chunks",
+                  file=sys.stderr, flush=True)
+            _available = False
         except (OSError, RuntimeError):  # a library that does not load (another torch's): torch's attention
             _available = False
     return _available

@@ -111,3 +111,21 @@ def test_a_missing_compiler_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(kernels.KernelError, match=r"^no C\+\+ compiler \(.*no-such-c\+\+: No such file or directory\)$"):
         kernels.build(tmp_path / "k.so")
     assert not list(tmp_path.glob("*.so"))
+
+
+def test_the_server_builds_it_when_missing_or_says_in_one_line_why_not(tmp_path, monkeypatch, capsys):
+    """available(build_missing=True), as `camelid serve` calls it at start: without a compiler, one warning line and
+    torch's attention for the whole process (decided once); CAMELID_KERNELS=0 never tries."""
+    monkeypatch.setattr(kernels, "_available", None)
+    monkeypatch.setattr(kernels, "_ready", False)
+    monkeypatch.setattr(kernels, "library_path", lambda: tmp_path / "missing.so")
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    assert kernels.available(build_missing=True) is False
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("camelid: building the decode attention kernel")
+    assert err[1].startswith("camelid: warning: no C++ compiler (") and err[1].endswith("reuses whole chunks")
+    monkeypatch.setenv("CXX", "c++")
+    assert kernels.available(build_missing=True) is False  # decided: a later call changes nothing
+    monkeypatch.setattr(kernels, "_available", None)
+    monkeypatch.setenv("CAMELID_KERNELS", "0")
+    assert kernels.available(build_missing=True) is False and not (tmp_path / "missing.so").exists()

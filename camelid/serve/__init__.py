@@ -286,8 +286,11 @@ def serve(model_path: str | None = None, host: str = DEFAULT_HOST, port: int = D
 
     if keep_alive <= 0:
         raise CamelidError(f"--keep-alive must be > 0 seconds, got {keep_alive:g}")
+    from .. import kernels
     from ..threads import in_own_thread  # the loads off the main thread (camelid/threads.py says why)
     from .policy import load_policy
+
+    kernels.available(build_missing=True)  # once per machine (seconds): the prompt cache reuses to the token with it
 
     policy = in_own_thread(load_policy, options.pop("policy", None), options.pop("guard", None), options.pop("guard_version", None))
 
