@@ -68,6 +68,14 @@ class KVCache:
             self._mask_for = (positions, span)
         return kc[:, :, :span], vc[:, :, :span], self._mask
 
+    def explicit_mask(self) -> torch.Tensor:
+        """This forward's additive mask [B,1,T,S], also for a first chunk (where update() gives None for plain causal
+        attention): for attention that takes no is_causal (camelid's kernel). Built once a forward, as update()'s."""
+        if self._mask is None:
+            positions, span = self._mask_for
+            self._mask = attention_mask(positions, span, self.k[0].dtype)
+        return self._mask
+
 
 def update_chunked(cache: KVCache, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    chunk: int):

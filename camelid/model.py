@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache, attention_mask, update_chunked
+from .cache import KVCache, update_chunked
 from .config import ModelConfig, RopeScaling
 from .kernels import decode_attention
+from .quant import DENSE_MIN_TOKENS
 
 
 class RMSNorm(nn.Module):
@@ -79,11 +80,6 @@ def temperature_scale(positions: torch.Tensor, floor_scale: float, attn_scale: f
     return torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
 
 
-# queries per row below which the kernel attends on the fast path: fewer than quant.DENSE_MIN_TOKENS, so the layers'
-# products run one row at a time too and a prompt token's keys and values do not depend on its chunk
-KERNEL_QUERIES = 128
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -101,7 +97,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.wqkv: nn.Module | None = None  # the fast path's fused [wq; wk; wv] (camelid/loader.py), one product
         # the fast path with camelid's attention kernel built (camelid/loader.py, camelid/kernels.py): a cached
-        # forward of fewer than KERNEL_QUERIES tokens attends each query on its own, as decode does
+        # forward of fewer than quant.DENSE_MIN_TOKENS tokens per row attends each query on its own, as decode does
+        # (the same bound below which the quantized layers multiply row by row: a prompt token's keys and values
+        # then do not depend on the chunk that computes them)
         self.kernel = False
 
     def forward(self, x, cos, sin, positions, cache: KVCache | None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,11 +128,11 @@ class Attention(nn.Module):
             else:
                 k, v, mask = cache.update(self.layer, positions, k, v)  # [B,K,S,E], mask [B,1,T,S] or None: causal
             attend = getattr(cache, "attend", None)  # the compiled decode step's own kernel (camelid/compiled.py)
-            if attend is None and self.kernel and T < KERNEL_QUERIES:
+            if attend is None and self.kernel and T < DENSE_MIN_TOKENS:
                 attend = decode_attention
             if attend is not None and not self.chunk:  # each query on its own: [B,T,H,E] out, no transposes
-                if mask is None:  # a first chunk (plain causal): the kernel takes the mask
-                    mask = attention_mask(positions, k.shape[2], k.dtype)
+                if mask is None:  # a first chunk (plain causal): the kernel takes the mask, built once a forward
+                    mask = cache.explicit_mask()
                 return self.wo(attend(q, k, v, mask).reshape(B, T, -1))
             if cache.query_by_query and T > 1 and not self.chunk:  # speculative verification, one row (B=1):
                 # query t over slots 0..p_t, as decode computes it alone
