@@ -1,5 +1,6 @@
 """camelid's decode attention kernel (camelid/kernels.py) against torch's attention: the same values within float32
-rounding at every head size and grouping it is built for, across chunk boundaries and masked rows; and the same bits
+rounding at every head size and grouping it is built for, across chunk boundaries and masked rows, over a float32 or
+a float16 cache; and the same bits
 for a row alone or beside longer rows, and on one thread or two (what identical greedy output in a batch rests on)."""
 
 from __future__ import annotations
@@ -43,11 +44,17 @@ def test_matches_torch_attention(E, H, K, S):
 def test_large_scores_and_a_strided_query():
     """Scores far from 0 (the running maximum matters) and q a view with gaps between heads, as the model's
     fused QK projection gives it."""
-    q, k, v, mask = _case(1, 9, 3, 64, 600, [600])
-    qk = torch.randn(1, 1, 12, 64) * 30
-    q = qk[:, :, :9]  # heads 9 apart in a row of 12
-    got = kernels.decode_attention(q, k * 3, v, mask)
-    torch.testing.assert_close(got, _torch(q, k * 3, v, mask), atol=2e-6, rtol=1e-5)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        q, k, v, mask = _case(1, 9, 3, 64, 600, [600])
+        qk = torch.randn(1, 1, 12, 64) * 30
+        q = qk[:, :, :9]  # heads 9 apart in a row of 12
+        got = kernels.decode_attention(q, k * 3, v, mask)
+        # scores near 100 carry float32 rounding of about 1e-5 into the weights, torch's as well as the kernel's:
+        # both against float64, the kernel's error at most a few times torch's
+        exact = _torch(*(t.double() for t in (q, k * 3, v, mask)))
+        ours, theirs = ((t.double() - exact).abs().max().item() for t in (got, _torch(q, k * 3, v, mask)))
+        assert ours <= 4 * theirs + 1e-6, (seed, ours, theirs)
 
 
 def test_a_row_gets_the_same_bits_alone_and_beside_longer_rows():
@@ -95,6 +102,45 @@ def test_the_same_bits_on_one_thread_and_two():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize(("E", "H", "K"), [(64, 9, 3), (16, 4, 2), (128, 8, 8), (96, 6, 2)])
+@pytest.mark.parametrize("S", [1, 17, 256, 700])
+def test_a_float16_cache_reads_as_its_float32_values(E, H, K, S):
+    """The fast path keeps keys and values in float16 (model.kv_dtype): the kernel reads them as the float32 values
+    they stand for, so it matches torch's attention over the float16 cache converted to float32, to float32 rounding."""
+    q, k, v, mask = _case(2, H, K, E, S, [S, max(1, S // 3)])
+    k16, v16 = k.half(), v.half()
+    got = kernels.decode_attention(q, k16, v16, mask)
+    assert got.dtype == torch.float32 and got.shape == (2, 1, H, E)
+    torch.testing.assert_close(got, _torch(q, k16.float(), v16.float(), mask), atol=2e-6, rtol=1e-5)
+
+
+def test_a_float16_cache_keeps_the_bits_alone_batched_and_regrouped():
+    """What identical greedy output and the token-granular prompt cache rest on, with the float16 cache: a row's
+    bits the same alone or beside longer rows, and a prompt chunk's queries each as when attending alone."""
+    from camelid.cache import attention_mask
+
+    q, k, v, mask = _case(3, 9, 3, 64, 900, [300, 900, 513], capacity=1000)
+    k, v = k.half(), v.half()
+    batch = kernels.decode_attention(q, k, v, mask)
+    for b, n in enumerate([300, 900, 513]):
+        alone = kernels.decode_attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], mask[b : b + 1, ..., :n])
+        assert torch.equal(alone, batch[b : b + 1]), b
+    T, S = 12, 400
+    qs = torch.randn(1, T, 9, 64)
+    positions = torch.arange(S - T, S)[None]
+    chunk = kernels.decode_attention(qs, k[:1, :, :S], v[:1, :, :S], attention_mask(positions, S, torch.float32))
+    for t, p in enumerate(positions[0].tolist()):
+        alone = kernels.decode_attention(qs[:, t : t + 1], k[:1, :, : p + 1], v[:1, :, : p + 1], torch.zeros(1, 1, 1, p + 1))
+        assert torch.equal(alone, chunk[:, t : t + 1]), t
+
+
+def test_mixed_or_unsupported_cache_types_are_refused():
+    q, k, v, mask = _case(1, 9, 3, 64, 10, [10])
+    for kk, vv in ((k.half(), v), (k, v.half()), (k.bfloat16(), v.bfloat16())):
+        with pytest.raises(RuntimeError):
+            kernels.decode_attention(q, kk, vv, mask)
 
 
 def test_what_it_covers():
