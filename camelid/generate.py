@@ -32,6 +32,13 @@ def check_fits(prompt_len: int, context: int) -> None:
         raise ContextLengthError(f"the prompt is {prompt_len} tokens; the context window is {context}, leaving no room to generate")
 
 
+def active_adapter(model: torch.nn.Module) -> str | None:
+    """The adapter the model runs with for every row (camelid/train/lora.py's state; None: the base alone), which
+    keys its prompt-cache chunks: toggling an adapter on a loaded model never meets the other's KV."""
+    state = getattr(model, "lora_state", None)
+    return state.active if state is not None else None
+
+
 @torch.inference_mode()
 def prefill(model: torch.nn.Module, cache: KVCache, prompts: Sequence[Sequence[int]],
             prompt_cache: PromptCache | None = None) -> tuple[torch.Tensor, list[int]]:
@@ -45,10 +52,11 @@ def prefill(model: torch.nn.Module, cache: KVCache, prompts: Sequence[Sequence[i
     device = model.device
     last = torch.empty(len(prompts), model.config.vocab_size, device=device)
     restored = []
+    adapter = active_adapter(model)
     for b, prompt in enumerate(prompts):
         prompt = list(prompt)
         row = cache.view(b, b + 1)
-        start, key = prompt_cache.restore(cache, b, prompt) if prompt_cache is not None else (0, b"")
+        start, key = prompt_cache.restore(cache, b, prompt, adapter) if prompt_cache is not None else (0, b"")
         restored.append(start)
         tokens = torch.as_tensor(prompt, dtype=torch.long, device=device)[None]
         while start < len(prompt):
@@ -56,7 +64,7 @@ def prefill(model: torch.nn.Module, cache: KVCache, prompts: Sequence[Sequence[i
             positions = torch.arange(start, end, device=device)[None]
             logits = model(tokens[:, start:end], positions, row, logits_at=torch.tensor([end - start - 1], device=device))
             if prompt_cache is not None:
-                key = prompt_cache.save(cache, b, prompt, start, end, key)
+                key = prompt_cache.save(cache, b, prompt, start, end, key, adapter)
             start = end
         last[b] = logits[0, 0]
     return last, restored
@@ -112,7 +120,8 @@ def generate(model: torch.nn.Module, requests: Sequence[Request],
                 done[b] = True
         if all(done) and prompt_cache is not None and step_fn is None:  # before the last yield: a caller stops there
             for b, r in enumerate(requests):  # eager decoding computed the replies as prefill would (but the last
-                prompt_cache.keep(cache, b, [*r.prompt, *generated[b][:-1]], len(r.prompt))  # token, never fed)
+                prompt_cache.keep(cache, b, [*r.prompt, *generated[b][:-1]], len(r.prompt),  # token, never fed)
+                                  adapter=active_adapter(model))
         yield step
         if all(done):
             return

@@ -320,20 +320,22 @@ class PromptCache:
             pos = end
         return last
 
-    def keep(self, cache: KVCache, row: int, tokens: Sequence[int], start: int, salt: str | None = None) -> int:
+    def keep(self, cache: KVCache, row: int, tokens: Sequence[int], start: int, salt: str | None = None,
+             adapter: str | None = None) -> int:
         """Keep the chunks of row `row` past position `start` (`tokens` all computed in the cache row, the same
         way a prefill computes them: a decoded reply on the eager path, with `granular`), without computing
         anything. Only where the whole sequence's schedule chunks the part before `start` as the row was
         computed (no new big chunk). Returns the tokens kept in all (0 when none)."""
-        if not (self.enabled and self.granular and by_position(cache)) or len(tokens) <= start:
+        if not (self.enabled and self._to_token(adapter) and by_position(cache)) or len(tokens) <= start:
             return 0
         if len(tokens) // self.big > start // self.big:  # a big chunk now covers what small ones computed
             return 0
-        pos, key = 0, self.root(None, salt)
+        pos, key = 0, self.root(adapter, salt)
         while pos < len(tokens):
             end = self.next_chunk(pos, len(tokens))
             # from the chunk that holds `start` on (save() keeps it from its own start), the prompt's chain before
-            key = self.save(cache, row, tokens, max(pos, start), end, key) if end > start else chunk_key(key, tokens[pos:end])
+            key = (self.save(cache, row, tokens, max(pos, start), end, key, adapter) if end > start
+                   else chunk_key(key, tokens[pos:end]))
             pos = end
         return len(tokens)
 

@@ -133,6 +133,29 @@ def test_load_with_an_adapter_applies_it_unmerged(setup, quant):
         assert llm.start(PROMPTS[0], max_tokens=NEW, sampling=GREEDY).run().token_ids == _alone(base, PROMPTS[0], None)
 
 
+def test_the_prompt_cache_keeps_an_adapters_kv_apart_from_the_bases(setup):
+    """One loaded model, its adapter switched off and on: a prompt's cached chunks are reused only under the
+    adapter that computed them (a 20-token prompt keeps a whole 16-token chunk on any path)."""
+    path, a, _ = setup
+    llm = camelid.load(str(path), quant="auto", adapter=a)
+    base = build_model(read(path), quant="auto")
+    prompt = [*PROMPTS[1], *PROMPTS[0], *PROMPTS[1], 33]
+
+    def run():
+        c = llm.start(prompt, max_tokens=NEW, sampling=GREEDY).run()
+        return c.token_ids, c.cached_tokens
+
+    on, cached = run()
+    assert cached == 0 and on == _alone(llm.model, prompt, "default")
+    with use_adapters(llm.model, None):
+        off, cached = run()
+        assert cached == 0  # nothing of the base's kept yet: the adapter's chunk is not it
+        assert off == _alone(base, prompt, None) != on
+        again, cached = run()
+        assert again == off and cached >= 16  # the base's own chunks, now kept (to the token with the kernel)
+    assert run() == (on, 16)  # the adapter's whole chunk only
+
+
 def test_one_line_errors(setup, tmp_path, capsys):
     path, a, _ = setup
     with pytest.raises(FormatError, match="not a peft adapter folder"):
