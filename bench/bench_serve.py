@@ -139,12 +139,12 @@ def level(base: str, model: str, concurrency: int, requests: int, max_tokens: in
 IN_PROCESS = """
 import statistics, sys, time
 import camelid
-from camelid.compiled import package_path, step_for
+from camelid.compiled import package_for, step_for
 from camelid.sampling import SamplingParams
 gguf, max_tokens, requests, repeats = sys.argv[1], *map(int, sys.argv[2:5])
 prompts = sys.argv[5:]
 llm = camelid.load(gguf, cache_mb=0)  # no prompt cache: the servers' requests share no prefix either
-if package_path(llm.checkpoint.path, "auto", str(llm.model.dtype)).is_file():  # built: wait until it is bound
+if package_for(llm.model, llm.checkpoint.path, "auto").is_file():  # built: wait until it is bound
     deadline = time.time() + 60
     while step_for(llm.model) is None and time.time() < deadline:
         time.sleep(0.05)

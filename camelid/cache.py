@@ -20,8 +20,10 @@ class KVCache:
     stale values beyond a row's length (left by padding) are never seen and are overwritten later.
     """
 
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], mask_dtype: torch.dtype | None = None) -> None:
         self.k, self.v = k, v  # per layer [B,K,S,E] (S = the chunk size on Llama 4's chunked layers)
+        # the additive mask's type: the activations' (float32 over the fast path's float16 cache)
+        self.mask_dtype = mask_dtype or k[0].dtype
         self.max_len = max(t.shape[2] for t in k)
         self._mask_for: tuple[torch.Tensor, int] | None = None  # (positions, span) of the cached mask
         self._mask: torch.Tensor | None = None
@@ -38,8 +40,12 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch: int, max_len: int) -> KVCache:
+        """The cache of `model` in its KV type (model.kv_dtype: float16 on the fast path with camelid's kernel, else
+        the activations' type)."""
         cfg = model.config
-        cache = cls.allocate(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, model.dtype, model.device)
+        kv_dtype = getattr(model, "kv_dtype", None) or model.dtype
+        cache = cls.allocate(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, kv_dtype, model.device)
+        cache.mask_dtype = model.dtype
         chunk = getattr(cfg, "attention_chunk_size", 0)
         for i in getattr(cfg, "chunked_layers", ()):  # Llama 4: a chunked layer keeps at most one chunk
             if chunk < max_len:
@@ -48,7 +54,7 @@ class KVCache:
 
     def view(self, start: int, stop: int) -> KVCache:
         """Rows start..stop-1 as a cache of their own (the same memory)."""
-        return KVCache([t[start:stop] for t in self.k], [t[start:stop] for t in self.v])
+        return KVCache([t[start:stop] for t in self.k], [t[start:stop] for t in self.v], self.mask_dtype)
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B,T,K,E] at positions [B,T]; return keys, values [B,K,S,E] and the additive mask [B,1,T,S],
@@ -64,7 +70,7 @@ class KVCache:
         # no mask: plain causal attention, which skips the hidden half instead of reading a T x T mask.
         if self._mask_for is None or self._mask_for[0] is not positions or self._mask_for[1] != span:
             first_chunk = span == positions.shape[1] and bool((positions[:, 0] == 0).all())
-            self._mask = None if first_chunk else attention_mask(positions, span, kc.dtype)
+            self._mask = None if first_chunk else attention_mask(positions, span, self.mask_dtype)
             self._mask_for = (positions, span)
         return kc[:, :, :span], vc[:, :, :span], self._mask
 
@@ -73,7 +79,7 @@ class KVCache:
         attention): for attention that takes no is_causal (camelid's kernel). Built once a forward, as update()'s."""
         if self._mask is None:
             positions, span = self._mask_for
-            self._mask = attention_mask(positions, span, self.k[0].dtype)
+            self._mask = attention_mask(positions, span, self.mask_dtype)
         return self._mask
 
 

@@ -4,7 +4,8 @@
 filled prefix all dynamic) and compiles it to a `.pt2` package in the model store:
 
     $CAMELID_HOME/compiled/<key>.pt2     key = the model file (path, size, mtime), torch version, CPU features,
-                                         the quant mode, the activation type and STEP_VERSION
+                                         the quant mode, the activation type, the KV cache's type
+                                         (float16 where camelid's kernel attends) and STEP_VERSION
 
 The package holds the generated code and the few constants Inductor made itself, not the weights: at load the
 model's own tensors are bound to it (`load_constants(..., user_managed=True)`), so the step reads the same tensors as
@@ -33,7 +34,7 @@ from pathlib import Path
 from .cpu import cpu_features  # part of the package key
 from .errors import first_line
 
-STEP_VERSION = 3  # bump when the step's inputs or the model's decode graph change
+STEP_VERSION = 4  # bump when the step's inputs or the model's decode graph change
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> CompiledStep
 
 
@@ -76,16 +77,24 @@ def decode_step(model, attend=None):
     return DecodeStep().eval()
 
 
-def package_path(model_path: str | os.PathLike, quant: str | None, dtype: str = "torch.float32") -> Path:
-    """Where the package for this model file, torch, CPU, quant mode and activation type lives in the store."""
+def package_path(model_path: str | os.PathLike, quant: str | None, dtype: str = "torch.float32",
+                 kv_dtype: str = "torch.float16") -> Path:
+    """Where the package for this model file, torch, CPU, quant mode, activation type and KV cache type lives in the
+    store (package_for gives a loaded model's)."""
     import torch
 
     from .store import home
 
     p = Path(model_path).resolve()
     st = p.stat()
-    key = "|".join(map(str, (p, st.st_size, st.st_mtime_ns, torch.__version__, cpu_features(), quant, dtype, STEP_VERSION)))
+    key = "|".join(map(str, (p, st.st_size, st.st_mtime_ns, torch.__version__, cpu_features(), quant, dtype, kv_dtype,
+                                STEP_VERSION)))
     return home() / "compiled" / f"{p.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt2"
+
+
+def package_for(model, model_path: str | os.PathLike, quant: str | None) -> Path:
+    """The package for this loaded model: its activation type and its KV cache's (model.kv_dtype)."""
+    return package_path(model_path, quant, str(model.dtype), str(getattr(model, "kv_dtype", None) or model.dtype))
 
 
 def _example(model, batch: int = 2, capacity: int = 64):
@@ -200,6 +209,7 @@ class CompiledStep:
                     constants[fqn] = t.as_strided(shape, stride, offset)
         self.loader.load_constants(constants, False, True, True)  # (map, use_inactive, check_full_update, user_managed)
         self.dtype = model.dtype
+        self.kv_dtype = getattr(model, "kv_dtype", None) or model.dtype  # what it was exported with (the key)
         leaves = pytree.treespec_loads(self.loader.get_call_spec()[0]).num_leaves
         if leaves != 3 + 2 * model.config.n_layers:
             raise ValueError(f"the package takes {leaves} inputs, the model {3 + 2 * model.config.n_layers}")
@@ -208,6 +218,8 @@ class CompiledStep:
         """Logits [B,V] of one new token per row: tokens, positions [B,1]; cache a camelid.cache.KVCache."""
         from .cache import attention_mask
 
+        if cache.k[0].dtype != self.kv_dtype:  # the package reads raw memory: a cache of another type is garbage
+            raise ValueError(f"the compiled step takes a {self.kv_dtype} KV cache, got {cache.k[0].dtype}")
         mask = attention_mask(positions, int(positions.max()) + 1, self.dtype)
         return self.loader.run([tokens, positions, mask, *cache.k, *cache.v])[0]  # the flat inputs, as exported
 
@@ -222,7 +234,7 @@ def attach(model, model_path: str | os.PathLike, quant: str | None, wait: bool =
     if getattr(getattr(model, "config", None), "chunked_layers", ()):  # Llama 4's ring-buffer layers: eager only
         return False
     try:
-        path = package_path(model_path, quant, str(model.dtype))
+        path = package_for(model, model_path, quant)
     except OSError:
         return False
     if not path.is_file():
@@ -266,6 +278,7 @@ def command(args) -> None:
 
     import torch
 
+    from . import kernels
     from .errors import CamelidError
     from .formats import read
     from .loader import build_model
@@ -276,11 +289,12 @@ def command(args) -> None:
             raise CamelidError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     path = resolve(args.model)
-    out = package_path(path, args.quant)
+    kernels.available(build_missing=True)  # the kernel first: the model then keeps the KV cache the step will read
+    model = build_model(read(path), quant=args.quant)
+    out = package_for(model, path, args.quant)
     if out.is_file() and not args.force:
         print(f"{out} (already built; --force to rebuild)")
         return
-    model = build_model(read(path), quant=args.quant)
     if model.config.chunked_layers:
         raise CamelidError("the compiled decode step does not cover chunked attention (Llama 4) yet; it decodes eagerly")
     print(f"camelid: compiling the decode step of {path.name} (a few minutes) ...", file=sys.stderr, flush=True)

@@ -14,11 +14,13 @@ Two ways to build:
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 from . import quant as Q
-from .errors import FormatError
+from .errors import CamelidError, FormatError
 from .formats import Checkpoint, LazyTensor
 from .model import MoEFeedForward, Transformer
 from .quant_experts import quant_experts
@@ -88,6 +90,12 @@ def _bind_kernel(model: Transformer, quant: str | None) -> Transformer:
           and kernels.supports(cfg.head_dim, cfg.n_heads // cfg.n_kv_heads, model.dtype) and kernels.available())
     for layer in model.layers:
         layer.attention.kernel = on
+    # the kernel reads keys and values stored in float16 (half the bytes a decode step reads at a long context, as
+    # llama.cpp's default cache); CAMELID_KV=float32 keeps them in the activations' type
+    kv = os.environ.get("CAMELID_KV", "float16")
+    if kv not in ("float16", "float32"):
+        raise CamelidError(f"CAMELID_KV must be float16 or float32, got {kv!r}")
+    model.kv_dtype = torch.float16 if on and kv == "float16" else None
     return model
 
 

@@ -133,12 +133,13 @@ class Attention(nn.Module):
             if attend is not None and not self.chunk:  # each query on its own: [B,T,H,E] out, no transposes
                 if mask is None:  # a first chunk (plain causal): the kernel takes the mask, built once a forward
                     mask = cache.explicit_mask()
-                return self.wo(attend(q, k, v, mask).reshape(B, T, -1))
+                return self.wo(attend(q, k, v, mask).reshape(B, T, -1))  # reads a float16 cache as it is
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a float16 cache (kv_dtype) read by torch's attention: long prompts
             if cache.query_by_query and T > 1 and not self.chunk:  # speculative verification, one row (B=1):
                 # query t over slots 0..p_t, as decode computes it alone
                 out = torch.cat([F.scaled_dot_product_attention(
                     q[:, t : t + 1].transpose(1, 2), k[:, :, : p + 1], v[:, :, : p + 1],
-                    attn_mask=torch.zeros(1, 1, 1, p + 1, dtype=k.dtype, device=k.device), enable_gqa=True)
+                    attn_mask=torch.zeros(1, 1, 1, p + 1, dtype=q.dtype, device=k.device), enable_gqa=True)
                     for t, p in enumerate(positions[0].tolist())], dim=2)
             else:
                 out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None,
@@ -245,6 +246,9 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # the KV cache's type where it differs from the activations' (camelid/cache.py): the fast path with camelid's
+        # attention kernel keeps keys and values in float16, as llama.cpp does, which halves what decode reads
+        self.kv_dtype: torch.dtype | None = None
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)  # RoPE
         self.reset_buffers()
 
@@ -254,7 +258,7 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The activations' type (the KV cache's too)."""
+        """The activations' type (the KV cache's too, unless kv_dtype says otherwise)."""
         return self.norm.weight.dtype
 
     def reset_buffers(self) -> None:

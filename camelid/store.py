@@ -223,10 +223,11 @@ def _forget_derived(file: Path) -> None:
 
     shutil.rmtree(entry_dir(file), ignore_errors=True)
     for quant in QUANT_MODES:
-        try:
-            package_path(file, quant).unlink(missing_ok=True)
-        except OSError:
-            pass
+        for kv in ("torch.float16", "torch.float32"):
+            try:
+                package_path(file, quant, kv_dtype=kv).unlink(missing_ok=True)
+            except OSError:
+                pass
 
 
 GENERAL_SAMPLING = {"temperature": 0.6, "top_p": 0.9}  # Meta's reference defaults for Llama chat
