@@ -182,23 +182,30 @@ class _FrozenQuantMatmul(torch.autograd.Function):
 
     PyTorch's weight-only kernels have no backward. The forward runs the layer as at inference; the backward is
     grad_x = grad_y @ W with W dequantized on the fly, CHUNK_ROWS output rows at a time and never stored (the
-    pattern of torchao's linear_nf4). The weight gets no gradient.
+    pattern of torchao's linear_nf4). The weight gets no gradient. The backward's product is in autocast's type
+    when the forward ran under autocast (bfloat16 training, as the float base's products are there), else in
+    float32; chunks of a wide layer are summed in float32. rows(start, end, dtype) gives W's rows in dtype.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, run, rows, n_out: int) -> torch.Tensor:
         ctx.rows, ctx.n_out, ctx.x_dtype = rows, n_out, x.dtype
+        device = x.device.type
+        ctx.dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
         with torch.no_grad():
             return run(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        g = grad.float()
+        g = grad.to(ctx.dtype)
         out = None
         for start in range(0, ctx.n_out, CHUNK_ROWS):
             end = min(start + CHUNK_ROWS, ctx.n_out)
-            part = g[..., start:end] @ ctx.rows(start, end)  # [..., in]
-            out = part if out is None else out + part
+            part = g[..., start:end] @ ctx.rows(start, end, ctx.dtype)  # [..., in]
+            if end == ctx.n_out and out is None:  # one chunk: no float32 sum needed
+                out = part
+            else:
+                out = part.float() if out is None else out.add_(part)
         return out.to(ctx.x_dtype), None, None, None
 
 
@@ -250,24 +257,19 @@ class Int4Linear(nn.Module):
         self.register_buffer("nibbles", (w.q[:, ::2] | w.q[:, 1::2] << 4).to(device) if dense_prefill else None)
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        if self.nibbles is None:
-            raise RuntimeError("this layer keeps no copy for dequantizing (dense_prefill=False)")
-        n, half = self.nibbles.shape
-        q = torch.stack([self.nibbles & 0x0F, self.nibbles >> 4], -1).view(n, half * 2 // self.group, self.group)
-        s, z = self.scale_zero[..., 0].t(), self.scale_zero[..., 1].t()  # [N, G]
-        w = ((q.to(dtype) - 8) * s[..., None].to(dtype) + z[..., None].to(dtype)).view(n, half * 2)
-        return combine_halves(w, self.doubled_input, self.split16)
+        """W [out, in] in dtype (for a dense product)."""
+        return self.dequantize_rows(0, self.out_features, dtype)
 
-    def dequantize_rows(self, start: int, end: int) -> torch.Tensor:
-        """Output rows start..end of W in float32 [end - start, in] (for the backward pass)."""
+    def dequantize_rows(self, start: int, end: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Output rows start..end of W [end - start, in] in dtype: computed in float32 and rounded once."""
         if self.nibbles is None:
             raise RuntimeError("this layer keeps no copy for dequantizing (dense_prefill=False)")
         nib = self.nibbles[start:end]
         n, half = nib.shape
         q = torch.stack([nib & 0x0F, nib >> 4], -1).view(n, half * 2 // self.group, self.group).float()
         s, z = self.scale_zero[:, start:end, 0].t().float(), self.scale_zero[:, start:end, 1].t().float()
-        w = ((q - 8) * s[..., None] + z[..., None]).view(n, half * 2)
-        return combine_halves(w, self.doubled_input, self.split16)
+        w = q.sub_(8).mul_(s[..., None]).add_(z[..., None]).view(n, half * 2)  # in place: one float32 buffer
+        return combine_halves(w, self.doubled_input, self.split16).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _differentiable(x):  # training through a frozen quantized base: gradients flow to x only
@@ -300,9 +302,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("q", w.q.to(device))
         self.register_buffer("scale", w.scale.to(torch.bfloat16).to(device))
 
-    def dequantize_rows(self, start: int, end: int) -> torch.Tensor:
-        """Output rows start..end of W in float32 [end - start, in] (for the backward pass)."""
-        return self.q[start:end].float() * self.scale[start:end, None].float()
+    def dequantize_rows(self, start: int, end: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Output rows start..end of W [end - start, in] in dtype (for the backward pass)."""
+        return (self.q[start:end].float() * self.scale[start:end, None].float()).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _differentiable(x):  # training through a frozen quantized base: gradients flow to x only
@@ -393,9 +395,19 @@ class QuantOutput(nn.Module):
         self.kernel, self.table = kernel, table
         self.out_features = kernel.out_features
 
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The whole weight [V, D] in dtype, exact rows rounded once, CHUNK_ROWS at a time (no float32 copy of it
+        all): for training's fused output-and-loss step (camelid/train/head.py), which takes a dense weight."""
+        n, k = self.table.q.shape
+        out = torch.empty(n, k, dtype=dtype, device=self.table.q.device)
+        for start in range(0, n, CHUNK_ROWS):
+            end = min(start + CHUNK_ROWS, n)
+            out[start:end] = self.table.rows(torch.arange(start, end, device=out.device))
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _differentiable(x):  # the kernel's rows from the exact table in the backward pass (no dequantized copy)
-            rows = lambda a, b: self.table.rows(torch.arange(a, b, device=x.device))  # noqa: E731
+            rows = lambda a, b, dtype: self.table.rows(torch.arange(a, b, device=x.device)).to(dtype)  # noqa: E731
             logits = _FrozenQuantMatmul.apply(x, self.kernel._forward, rows, self.out_features).float()
         else:
             logits = self.kernel(x).float()

@@ -65,6 +65,52 @@ def test_quantized_linear_input_gradient_is_grad_times_dequantized_weight(kind, 
     assert all(not b.requires_grad for b in layer.buffers())
 
 
+@pytest.mark.parametrize("kind", ["Q4_1", "int8"])
+@pytest.mark.parametrize("chunk", [None, 16])  # one chunk, and 40 rows in three (their sum in float32)
+def test_quantized_linear_backward_under_bf16_autocast_runs_in_bfloat16(kind, chunk, monkeypatch):
+    """Under bf16 autocast the backward's product is bfloat16's, as the float base's products are there: within
+    bfloat16's rounding of the exact input gradient, and not float32's own result (which it would be if it ran in
+    float32); x's gradient keeps x's type."""
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(40, 64)).astype(np.float32)
+    qw = Q.int8_from_float(torch.from_numpy(w)) if kind == "int8" else Q.from_gguf(kind, gguf.quants.quantize(w, G[kind]), w.shape)
+    layer = Q.linear_for(qw)
+    if chunk:
+        monkeypatch.setattr(Q, "CHUNK_ROWS", chunk)
+    x, g = torch.randn(2, Q.DENSE_MIN_TOKENS, 64), torch.randn(2, Q.DENSE_MIN_TOKENS, 40)
+    held = layer.dequantize_rows(0, 40)
+    exact = g.double() @ held.double()
+    fp32 = _grad_x(layer, x, g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = _grad_x(layer, x, g)
+    assert bf16.dtype == torch.float32
+    assert (fp32.double() - exact).norm() < 1e-6 * exact.norm()
+    err = (bf16.double() - exact).norm() / exact.norm()
+    assert 1e-5 < err < 1e-2, err
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q8_0"])
+def test_dequantized_weights_are_rounded_once(kind):
+    """A quantized layer's bfloat16 weights (the dense prefill's and the backward's) are its exact float32 values
+    rounded once; the output layer's dense weight (training's fused head) is its exact table's."""
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(64, 64)).astype(np.float32)
+    layer = Q.linear_for(Q.from_gguf(kind, gguf.quants.quantize(w, G[kind]), w.shape))
+    exact = layer.dequantize_rows(0, 64)
+    assert torch.equal(layer.dequantize(torch.bfloat16), exact.to(torch.bfloat16))
+    assert torch.equal(layer.dequantize_rows(8, 24, torch.bfloat16), exact[8:24].to(torch.bfloat16))
+    torch.testing.assert_close(exact, Q.from_gguf(kind, gguf.quants.quantize(w, G[kind]), w.shape).dequantize(),
+                               rtol=1e-2, atol=1e-2)  # the stored weight, up to the kernel's bfloat16 scales
+
+
+def test_quantized_output_dense_weight_is_the_exact_table(tmp_path, monkeypatch):
+    model = build_model(_gguf(tmp_path, G.Q4_1, tied=True), quant="auto")
+    monkeypatch.setattr(Q, "CHUNK_ROWS", 64)  # 256 rows in four chunks
+    table = model.output.table.rows(torch.arange(model.config.vocab_size))
+    assert torch.equal(model.output.dense_weight(torch.float32), table)
+    assert torch.equal(model.output.dense_weight(torch.bfloat16), table.to(torch.bfloat16))
+
+
 def test_quantized_output_layer_input_gradient(tmp_path):
     model = build_model(_gguf(tmp_path, G.Q4_1), quant="auto")
     assert isinstance(model.output, Q.QuantOutput)
@@ -175,6 +221,53 @@ def test_qlora_gradients_agree_with_float_lora_on_dequantized_weights(tmp_path, 
         assert a.abs().max() > 0, k
         assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99, k
         assert (a - b).norm() < 0.1 * a.norm(), k
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_qlora_trains_through_the_dequantized_head_as_the_float_reference(tmp_path, precision):
+    """The training loop runs QLoRA's quantized output layer as one dense weight in the fused output-and-loss step
+    (loop.head_weight): the same loss and LoRA gradients as the float reference model's own output layer followed
+    by F.cross_entropy, and as the quantized model's own output layer (its kernel), up to the kernel's bfloat16."""
+    from types import SimpleNamespace
+
+    from camelid.train import loop
+    from camelid.train.distributed import DistContext
+
+    ckpt = _gguf(tmp_path, G.Q4_1, tied=True)
+    tokens = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(4))
+    targets = tokens[:, 1:].clone()
+    targets[:, :4] = -100  # a prompt: not trained
+    batch = SimpleNamespace(tokens=tokens[:, :-1], targets=targets, positions=torch.arange(12).expand(2, 12),
+                            segments=None)
+    bf16 = precision == "bf16"
+
+    def run(model, head):
+        L.apply_lora(model, r=4, alpha=8, seed=3)
+        with torch.no_grad():  # non-zero B, so every A gets a gradient too
+            for k, p in L.lora_parameters(model).items():
+                if k.endswith("lora_B"):
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(k))) * 0.1)
+        if head == "fused":
+            head = loop.head_weight(model, DistContext(), precision)
+            assert head.dtype == (torch.bfloat16 if bf16 else torch.float32)
+            assert head.shape == (model.config.vocab_size, model.config.dim)
+        if head == "reference":
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(batch.tokens)
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+        else:
+            loss = loop._forward_loss(model, batch, torch.device("cpu"), precision, head)
+        loss.backward()
+        return float(loss.detach()), {k: p.grad for k, p in L.lora_parameters(model).items()}
+
+    ref_loss, ref_grads = run(build_model(ckpt), "reference")
+    for head in ("fused", None):
+        loss, grads = run(build_model(ckpt, quant="auto"), head)
+        assert abs(loss - ref_loss) < 1e-2 * abs(ref_loss), (head, loss, ref_loss)
+        for k, a in ref_grads.items():
+            b = grads[k].flatten()
+            assert a.abs().max() > 0, k
+            assert torch.nn.functional.cosine_similarity(a.flatten(), b, dim=0) > 0.99, (head, k)
 
 
 @pytest.mark.parametrize("quant", [None, "auto"])

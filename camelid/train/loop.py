@@ -318,9 +318,15 @@ class MetricsLog:
 
 def head_weight(model: nn.Module, ctx: DistContext, precision: str) -> torch.Tensor | None:
     """The output layer's weight for the fused output-and-loss step (head.py), in the products' type when it is
-    frozen (cast once per run rather than once per forward); None where the model's own output layer must run
-    (under FSDP2, whose hooks gather the weight inside the model's forward; or a model without a plain one)."""
+    frozen: cast once per run rather than once per forward, and a quantized head (QLoRA's) dequantized once (57 MB
+    in bfloat16 for the default model) rather than run on its kernel with exact rows every step. None where the
+    model's own output layer must run (under FSDP2, whose hooks gather the weight inside the model's forward; or a
+    model without a plain one)."""
+    from ..quant import QuantOutput
+
     output = getattr(model, "output", None)
+    if ctx.world == 1 and isinstance(output, QuantOutput):  # QLoRA: a frozen quantized head, dequantized once
+        return output.dense_weight(torch.bfloat16 if precision == "bf16" else torch.float32)
     if ctx.world > 1 or not isinstance(output, nn.Linear) or output.bias is not None:
         return None
     weight = output.weight
