@@ -1,18 +1,22 @@
 """Kernels camelid compiles itself: C++ that no library provides, built with this machine's compiler on first need.
+Every source in camelid/csrc/ goes into one library:
 
-One so far, `camelid::decode_attention` (camelid/csrc/decode_attention.cpp): each query over the filled prefix of the
-KV cache on its own, split over slots so that both cores work on one row, each key and value read once for the query
-heads that share it. torch's attention serves one query poorly: at 2,000 cached positions it reads the cache at a
-third of the speed the memory gives (docs/performance.md). The compiled decode step (camelid/compiled.py) calls it,
-and so does the eager fast path (decode, and prefill chunks of fewer than 128 tokens) in a process where the library
-is already built (`available()`): a token's attention is then the same whichever prompt chunk computes it, which lets
-the prompt cache reuse any prefix, not only whole chunks (camelid/prompt_cache.py).
+- `camelid::decode_attention` (csrc/decode_attention.cpp): each query over the filled prefix of the KV cache on its
+  own, split over slots so that both cores work on one row, each key and value read once for the query heads that
+  share it. torch's attention serves one query poorly: at 2,000 cached positions it reads the cache at a third of
+  the speed the memory gives (docs/performance.md). The compiled decode step (camelid/compiled.py) calls it, and so
+  does the eager fast path (decode, and prefill chunks of fewer than 128 tokens) in a process where the library is
+  already built (`available()`): a token's attention is then the same whichever prompt chunk computes it, which
+  lets the prompt cache reuse any prefix, not only whole chunks (camelid/prompt_cache.py).
+- `camelid::dequantize_int4` (csrc/dequantize.cpp): rows of a 4-bit weight to float32 or bfloat16 in one pass, bit
+  for bit what camelid/quant.py computes in torch in six. The dense prefill and QLoRA's forward and backward
+  dequantize every layer at every chunk; quant.py calls it wherever the library is loaded (`loaded()`).
 
-The library lives in the model store, keyed by the source, torch's version, the CPU's flags and the compiler's:
+The library lives in the model store, keyed by the sources, torch's version, the CPU's flags and the compiler's:
 
-    $CAMELID_HOME/kernels/decode_attention-<key>.so
+    $CAMELID_HOME/kernels/camelid-kernels-<key>.so
 
-It is built with the compiler the compiled step already needs (`$CXX`, else `c++`), once, in about 20 s; written
+It is built with the compiler the compiled step already needs (`$CXX`, else `c++`), once, in about 30 s; written
 whole or not at all, so processes building at once do not see each other's half-written files.
 """
 
@@ -27,7 +31,7 @@ from pathlib import Path
 from .cpu import cpu_features, cpu_flags
 from .errors import CamelidError
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.cpp")))
 HEAD_SIZES = (16, 32, 64, 128, 96)  # what the C++ instantiates: head size, and 1..8 query heads per key head
 MAX_GROUP = 8
 _ready = False  # the op is registered in this process
@@ -53,37 +57,53 @@ def library_path() -> Path:
 
     compiler = os.environ.get("CXX", "c++")
     # every flag the CPU reports, not only those the packages key on: -march=native may use any of them
-    key = "|".join((hashlib.sha256(SOURCE.read_bytes()).hexdigest(), torch.__version__, cpu_features(),
+    sources = hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in SOURCES)).hexdigest()
+    key = "|".join((sources, torch.__version__, cpu_features(),
                     ",".join(sorted(cpu_flags())), compiler, " ".join(_flags())))
-    return home() / "kernels" / f"decode_attention-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    return home() / "kernels" / f"camelid-kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
 def build(out: Path) -> Path:
-    """Compile the library into `out` (seconds); raises KernelError with the compiler's first error."""
+    """Compile the library into `out` (seconds: each source in a compiler of its own, at once, then one link);
+    raises KernelError with the compiler's first error."""
+    import tempfile
+
     import torch
     from torch.utils.cpp_extension import include_paths
 
     lib = Path(torch.__file__).parent / "lib"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}.so")
-    command = [os.environ.get("CXX", "c++"), *_flags(), *(f"-I{p}" for p in include_paths()), str(SOURCE),
-               f"-L{lib}", "-ltorch", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}", "-o", str(tmp)]
-    try:
+    cxx = os.environ.get("CXX", "c++")
+    with tempfile.TemporaryDirectory(dir=out.parent) as objects:
+        commands = [[cxx, *_flags(), *(f"-I{p}" for p in include_paths()), "-c", str(src), "-o",
+                     str(Path(objects) / f"{src.stem}.o")] for src in SOURCES]
+        commands.append([cxx, *_flags(), *(c[-1] for c in commands), f"-L{lib}", "-ltorch", "-ltorch_cpu", "-lc10",
+                         f"-Wl,-rpath,{lib}", "-o", str(tmp)])
         try:
-            r = subprocess.run(command, capture_output=True, text=True)
-        except OSError as e:
-            raise KernelError(f"no C++ compiler ({command[0]}: {e.strerror})") from None
-        if r.returncode != 0:
-            errors = [line for line in r.stderr.splitlines() if "error" in line] or r.stderr.splitlines() or ["failed"]
-            raise KernelError(f"{command[0]} could not build {SOURCE.name}: {errors[0].strip()}")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+            try:
+                compiles = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            for c in commands[:-1]]
+                results = [(p.wait(), p.stderr.read()) for p in compiles]
+                for p in compiles:
+                    p.stderr.close()
+                if all(code == 0 for code, _ in results):
+                    r = subprocess.run(commands[-1], capture_output=True, text=True)
+                    results.append((r.returncode, r.stderr))
+            except OSError as e:
+                raise KernelError(f"no C++ compiler ({cxx}: {e.strerror})") from None
+            for code, stderr in results:
+                if code != 0:
+                    errors = [line for line in stderr.splitlines() if "error" in line] or stderr.splitlines() or ["failed"]
+                    raise KernelError(f"{cxx} could not build camelid's kernels: {errors[0].strip()}")
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
     return out
 
 
 def load(build_missing: bool = False) -> bool:
-    """Make torch.ops.camelid.decode_attention available in this process: True when it is. Builds the library
+    """Make camelid's ops (torch.ops.camelid.*) available in this process: True when they are. Builds the library
     first when it is missing and build_missing is set (KernelError when that fails)."""
     global _ready
     import torch
@@ -96,7 +116,7 @@ def load(build_missing: bool = False) -> bool:
             return False
         import sys
 
-        print("camelid: building the decode attention kernel (C++, about 20 s, once) ...", file=sys.stderr, flush=True)
+        print("camelid: building camelid's kernels (C++, about 30 s, once) ...", file=sys.stderr, flush=True)
         build(path)
     torch.ops.load_library(str(path))
 
@@ -104,8 +124,24 @@ def load(build_missing: bool = False) -> bool:
     def _(q, k, v, mask, scale):  # what torch.export traces: the output's shape
         return q.new_empty(q.shape)
 
+    @torch.library.register_fake("camelid::dequantize_int4")
+    def _(nibbles, scale_zero, start, end, group, dtype):  # what torch.compile traces (QLoRA's compiled blocks)
+        return nibbles.new_empty((end - start, nibbles.shape[1] * 2), dtype=dtype)
+
     _ready = True
     return True
+
+
+def loaded() -> bool:
+    """Whether the library is loaded in this process (by available(), load() or the compiled step's loading)."""
+    return _ready
+
+
+def dequantize_int4(nibbles, scale_zero, start: int, end: int, group: int, dtype):
+    """Rows start..end of a 4-bit weight (camelid/quant.py's Int4Linear layout) in dtype; needs load() first."""
+    import torch
+
+    return torch.ops.camelid.dequantize_int4(nibbles, scale_zero, start, end, group, dtype)
 
 
 def available(build_missing: bool = False) -> bool:
@@ -121,7 +157,8 @@ def available(build_missing: bool = False) -> bool:
         except KernelError as e:
             import sys
 
-            print(f"camelid: warning: {e}; attention stays torch's and the prompt cache reuses whole chunks",
+            print(f"camelid: warning: {e}; attention and dequantization stay torch's (slower) and the prompt cache "
+                  "reuses whole chunks",
                   file=sys.stderr, flush=True)
             _available = False
         except (OSError, RuntimeError):  # a library that does not load (another torch's): torch's attention

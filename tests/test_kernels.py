@@ -1,20 +1,24 @@
-"""camelid's decode attention kernel (camelid/kernels.py) against torch's attention: the same values within float32
-rounding at every head size and grouping it is built for, across chunk boundaries and masked rows, over a float32 or
-a float16 cache; and the same bits
-for a row alone or beside longer rows, and on one thread or two (what identical greedy output in a batch rests on)."""
+"""camelid's kernels (camelid/kernels.py). The decode attention against torch's attention: the same values within
+float32 rounding at every head size and grouping it is built for, across chunk boundaries and masked rows, over a
+float32 or a float16 cache; and the same bits for a row alone or beside longer rows, and on one thread or two (what
+identical greedy output in a batch rests on). The 4-bit dequantization against camelid/quant.py's torch code: the
+same bits, for every layout and both output types."""
 
 from __future__ import annotations
 
+import gguf
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from camelid import kernels
+from camelid import quant as Q
 
 
 @pytest.fixture(scope="module", autouse=True)
 def library():
-    kernels.load(build_missing=True)  # about 20 s the first time on a machine, then kept in the store
+    kernels.load(build_missing=True)  # about 30 s the first time on a machine, then kept in the store
 
 
 def _case(B: int, H: int, K: int, E: int, S: int, lengths: list[int], capacity: int | None = None):
@@ -168,10 +172,43 @@ def test_the_server_builds_it_when_missing_or_says_in_one_line_why_not(tmp_path,
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
     assert kernels.available(build_missing=True) is False
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and err[0].startswith("camelid: building the decode attention kernel")
+    assert len(err) == 2 and err[0].startswith("camelid: building camelid's kernels")
     assert err[1].startswith("camelid: warning: no C++ compiler (") and err[1].endswith("reuses whole chunks")
     monkeypatch.setenv("CXX", "c++")
     assert kernels.available(build_missing=True) is False  # decided: a later call changes nothing
     monkeypatch.setattr(kernels, "_available", None)
     monkeypatch.setenv("CAMELID_KERNELS", "0")
     assert kernels.available(build_missing=True) is False and not (tmp_path / "missing.so").exists()
+
+
+# --- camelid::dequantize_int4 ---
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "int4/32", "int4/128", "int4/16"])  # /16: the scalar loop
+@pytest.mark.parametrize("rows", [40, 64])  # 40 rows: padded to 48 for PyTorch's int4 kernel
+def test_dequantize_int4_is_torchs_bit_for_bit(kind, rows, monkeypatch):
+    rng = np.random.default_rng(rows)
+    w = (rng.normal(size=(rows, 256)) * 10.0 ** rng.uniform(-4, 1, size=(rows, 1))).astype(np.float32)
+    if kind.startswith("int4"):
+        qw = Q.int4_from_float(torch.from_numpy(w), group=int(kind.split("/")[1]))
+    else:
+        qw = Q.from_gguf(kind, gguf.quants.quantize(w, gguf.GGMLQuantizationType[kind]), w.shape)
+    layer = Q.linear_for(qw)
+    assert kernels.loaded() and not layer.doubled_input
+    for dtype in (torch.float32, torch.bfloat16):
+        got, part = layer.dequantize_rows(0, rows, dtype), layer.dequantize_rows(3, 29, dtype)
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "loaded", lambda: False)  # quant.py's own torch code
+            want = layer.dequantize_rows(0, rows, dtype)
+        assert got.dtype == dtype and got.shape == (rows, 256)
+        assert torch.equal(got, want) and torch.equal(part, want[3:29])
+        assert torch.equal(layer.dequantize(dtype), want)
+
+
+def test_dequantize_int4_refuses_what_it_cannot_read():
+    layer = Q.linear_for(Q.int4_from_float(torch.randn(16, 64)))
+    with pytest.raises(RuntimeError, match="nibbles must be a contiguous uint8"):
+        kernels.dequantize_int4(layer.nibbles.int(), layer.scale_zero, 0, 16, layer.group, torch.float32)
+    with pytest.raises(RuntimeError, match="rows out of range"):
+        kernels.dequantize_int4(layer.nibbles, layer.scale_zero, 0, 17, layer.group, torch.float32)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        kernels.dequantize_int4(layer.nibbles, layer.scale_zero, 0, 16, layer.group, torch.float16)

@@ -137,6 +137,10 @@ def finetune(model: str | os.PathLike | None = None, data: str | os.PathLike = "
         net.requires_grad_(True)
     else:
         quantized = any(t.raw is not None for t in ckpt.tensors.values())
+        if method == "qlora" and not torch.cuda.is_available():  # the base on the CPU
+            from .. import kernels
+
+            kernels.available(build_missing=True)  # camelid's dequantization: once per machine, ~30 s; every step faster
         net = build_model(ckpt, quant=None if method == "lora" else ("auto" if quantized else "int4"))
         if method == "lora":
             bf16 = world == 1 and loop.resolve_precision(precision, torch.device("cpu")) == "bf16"
