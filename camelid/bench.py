@@ -45,8 +45,10 @@ def _worker_camelid(path: str, threads: int, pp: int, tg: int, repeats: int, qua
     from .cache import KVCache
     from .compiled import attach, step_for
     from .formats import read
+    from .heap import keep_freed_heap
     from .loader import build_model
 
+    keep_freed_heap()  # as camelid's commands run (camelid/heap.py)
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     ckpt = read(path)

@@ -680,6 +680,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from .heap import keep_freed_heap
+
+    keep_freed_heap()  # a process of camelid's own: freed tensors' memory kept for the next (camelid/heap.py)
     try:
         args.func(args)
     except CamelidError as e:
