@@ -119,17 +119,31 @@ def running_server(model_path, *flags: str):
             proc.kill()
 
 
+def run_torchrun(args: list[str], nproc: int, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --nproc-per-node=N ARGS` on loopback, one thread per process. The port is
+    picked free just before; should another process take it in between (the rendezvous then fails with "address
+    already in use"), it runs again on a new one, at most three times."""
+    env = {**(env or os.environ), "OMP_NUM_THREADS": "1"}
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    for _ in range(3):
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+               f"--master-port={free_port()}", "--local-addr=127.0.0.1", *args]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0 or "address already in use" not in (proc.stdout + proc.stderr).lower():
+            break
+    return proc
+
+
 def run_script(script: Path, *args: str, torchrun: int = 0, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run a test file as a training script, one thread per process (under torchrun with `torchrun` processes, on
     loopback); with check, a non-zero exit fails with the output's tails."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    cmd = [sys.executable]
     if torchrun:
-        cmd += ["-m", "torch.distributed.run", f"--nproc-per-node={torchrun}", "--master-addr=127.0.0.1",
-                f"--master-port={free_port()}", "--local-addr=127.0.0.1"]
-    proc = subprocess.run([*cmd, str(script), *args], env=env, capture_output=True, text=True, timeout=timeout)
+        proc = run_torchrun([str(script), *args], torchrun, env, timeout)
+    else:
+        proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
+                              timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -5,13 +5,11 @@ test_lora.py, test_train_loop.py, test_export.py); this checks that the command 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import camelid_cli as run
-from conftest import free_port, one_line_error
+from conftest import one_line_error, run_torchrun
 from gguf import GGMLQuantizationType as GQ
 from gguf_factory import Spec, byte_level_vocab, write_gguf
 
@@ -145,12 +143,9 @@ def test_two_processes_under_torchrun_give_the_losses_of_one(tmp_path, tiny):
     flags = ["--data", str(data), "--steps", "4", "--seq-len", "128", "--dropout", "0", "--lr", "1e-2"]
     one = tmp_path / "one"
     assert main(["finetune", str(paths["f32"]), "--out", str(one), "--batch-size", "2", *flags]) == 0
-    port = free_port()
     two = tmp_path / "two"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                        "--master-port", str(port), "-m", "camelid", "finetune", str(paths["f32"]), "--out", str(two),
-                        "--batch-size", "1", *flags], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_torchrun(["-m", "camelid", "finetune", str(paths["f32"]), "--out", str(two), "--batch-size", "1", *flags], 2)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     a = [json.loads(x)["loss"] for x in (one / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x)["loss"] for x in (two / "metrics.jsonl").read_text().splitlines()]
     assert len(a) == len(b) == 4
