@@ -5,7 +5,8 @@ threshold it raises up to 32 MB as such blocks are freed) and gives the top of t
 that lies free there. A forward that makes and drops the same few-MB tensors layer after layer (a 512-token
 prefill: each layer's dequantized weights, gate/up outputs and casts) then gets fresh pages again and again and
 pays a page fault for every 4 KB it touches. With the thresholds below, measured on a 2-core AMD EPYC (Zen 4), the
-default model's 512-token prefill ran 1.13-1.20x faster in four paired runs, peak RSS unchanged (docs/performance.md).
+default model's 512-token prefill ran 1.14-1.20x faster in four paired runs, with peak RSS 10-15 MB higher
+(docs/performance.md).
 
 keep_freed_heap() sets M_MMAP_THRESHOLD to 64 MB (larger requests, whole weights and KV caches, still get mappings
 of their own, returned when freed) and M_TRIM_THRESHOLD to 256 MB (at most that much free heap is kept). camelid's
