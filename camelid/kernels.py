@@ -84,9 +84,10 @@ def build(out: Path) -> Path:
             try:
                 compiles = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                             for c in commands[:-1]]
-                results = [(p.wait(), p.stderr.read()) for p in compiles]
-                for p in compiles:
-                    p.stderr.close()
+                results = []
+                for p in compiles:  # communicate() drains the pipe: a long error message cannot block the compiler
+                    stderr = p.communicate()[1]
+                    results.append((p.returncode, stderr))
                 if all(code == 0 for code, _ in results):
                     r = subprocess.run(commands[-1], capture_output=True, text=True)
                     results.append((r.returncode, r.stderr))
